@@ -1,0 +1,76 @@
+"""Importance criteria: a registry of functions that give one score per unit of a group.
+
+A criterion sees the group (every weight slice it cuts, with the unit -> indices map)
+and a context (seeded rng, calibration statistics when there are any). Low scores
+are removed first. Register your own with ``@surgery.criterion("name")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+from surgery.analysis import Group
+from surgery.errors import SurgeryError
+
+CRITERIA: dict[str, Callable[[Group, "CriterionContext"], np.ndarray]] = {}
+
+
+@dataclasses.dataclass
+class CriterionContext:
+    rng: np.random.Generator
+    stats: Any = None
+
+
+def criterion(name: str):
+    """Register ``fn(group, ctx) -> scores`` (one float per unit) under ``name``."""
+
+    def deco(fn):
+        CRITERIA[name] = fn
+        return fn
+
+    return deco
+
+
+def get_criterion(name: str):
+    if name not in CRITERIA:
+        _load_entry_points()
+    if name not in CRITERIA:
+        raise SurgeryError(f"unknown criterion '{name}' (known: {', '.join(sorted(CRITERIA))})")
+    return CRITERIA[name]
+
+
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="surgery.criteria"):
+        if ep.name not in CRITERIA:
+            CRITERIA[ep.name] = ep.load()
+
+
+def per_index(group: Group, reduce: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]) -> np.ndarray:
+    """Sum, over every weight slice, of ``reduce(weight, other_axes)`` gathered per unit."""
+    total = np.zeros(len(group.atoms), dtype=np.float64)
+    for sl in group.slices:
+        arr = np.asarray(sl.array, dtype=np.float64)
+        other = tuple(k for k in range(arr.ndim) if k != sl.axis)
+        total += sl.units @ reduce(arr, other)
+    return total
+
+
+@criterion("l2")
+def l2(group: Group, ctx: CriterionContext) -> np.ndarray:
+    """Group L2 norm: every weight a unit would remove, across all coupled layers."""
+    return np.sqrt(per_index(group, lambda a, ax: np.square(a).sum(axis=ax)))
+
+
+@criterion("l1")
+def l1(group: Group, ctx: CriterionContext) -> np.ndarray:
+    return per_index(group, lambda a, ax: np.abs(a).sum(axis=ax))
+
+
+@criterion("random")
+def random(group: Group, ctx: CriterionContext) -> np.ndarray:
+    return ctx.rng.random(len(group.atoms))

@@ -1,0 +1,189 @@
+"""What a channel rule sees: the node, static shapes, constants, and the DimGraph calls.
+
+A rule must account for every axis of every input and output of its node: tie
+it, make it part of a product, block it, or declare it free (the op adapts to a
+new size by itself, like Shape). Axes a rule leaves unmentioned are blocked by
+the caller, so a forgotten axis can never be cut silently.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from surgery.dims import DimGraph
+
+RULES: dict[tuple[str, str], Callable[["RuleContext"], None]] = {}
+
+
+class Unsupported(Exception):
+    """The rule cannot handle this node; every axis it touches is blocked with this reason."""
+
+
+def rule(*op_types: str, domain: str = ""):
+    def deco(fn):
+        for op in op_types:
+            RULES[(domain, op)] = fn
+        return fn
+
+    return deco
+
+
+def value_shape(v: ir.Value | None) -> tuple[int | None, ...] | None:
+    if v is None or v.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in v.shape)
+
+
+def const_array(v: ir.Value | None) -> np.ndarray | None:
+    if v is None:
+        return None
+    t = v.const_value
+    if t is None:
+        return None
+    try:
+        return t.numpy()
+    except Exception:  # noqa: BLE001 - string tensors and the like
+        return None
+
+
+class RuleContext:
+    def __init__(self, graph: DimGraph, opset: int) -> None:
+        self.g = graph
+        self.opset = opset
+        self.node: ir.Node | None = None
+        self.mentioned: set[tuple[str, int]] = set()
+
+    # -- node access ------------------------------------------------------
+    def start(self, node: ir.Node) -> None:
+        self.node = node
+        self.mentioned = set()
+
+    @property
+    def op(self) -> str:
+        return self.node.op_type
+
+    def input(self, i: int) -> ir.Value | None:
+        ins = self.node.inputs
+        return ins[i] if i < len(ins) else None
+
+    def output(self, i: int) -> ir.Value | None:
+        outs = self.node.outputs
+        return outs[i] if i < len(outs) else None
+
+    def attr(self, name: str, default=None):
+        a = self.node.attributes.get(name)
+        return default if a is None else a.value
+
+    def shape(self, v: ir.Value | None) -> tuple[int | None, ...]:
+        s = value_shape(v)
+        if s is None:
+            raise Unsupported(f"the shape of {v.name if v is not None else '?'} is unknown")
+        return s
+
+    def rank(self, v: ir.Value) -> int:
+        return len(self.shape(v))
+
+    def const(self, v: ir.Value | None) -> np.ndarray | None:
+        return const_array(v)
+
+    def const_required(self, v: ir.Value | None, what: str) -> np.ndarray:
+        c = const_array(v)
+        if c is None:
+            raise Unsupported(f"{what} is computed at run time")
+        return c
+
+    # -- axes -------------------------------------------------------------
+    def ax(self, v: ir.Value, k: int) -> int:
+        s = self.shape(v)
+        if k < 0:
+            k += len(s)
+        if not 0 <= k < len(s):
+            raise Unsupported(f"axis {k} out of range for {v.name}")
+        self.mentioned.add((v.name, k))
+        return self.g.axis(("value", v.name, k), s[k] if s[k] is not None else -1)
+
+    def virtual(self, tag: str, size: int) -> int:
+        return self.g.axis(("virtual", self.node.name, tag), size)
+
+    def size(self, v: ir.Value, k: int) -> int | None:
+        s = self.shape(v)
+        return s[k]
+
+    # -- relations --------------------------------------------------------
+    def tie(self, va, ka, vb, kb, ia=None, ib=None) -> None:
+        a = self.ax(va, ka) if not isinstance(va, int) else va
+        b = self.ax(vb, kb) if not isinstance(vb, int) else vb
+        self.g.tie(a, b, ia, ib, why=f"{self.op} {self.node.name}: axis of unknown size")
+
+    def tie_same(self, va, vb) -> None:
+        """Tie every axis of two same-shaped values."""
+        for k in range(self.rank(va)):
+            self.tie(va, k, vb, k)
+
+    def product(self, flat: int, factors: list[int]) -> None:
+        self.g.product(flat, factors)
+
+    def block(self, v, k=None, why: str = "", idx=None) -> None:
+        a = self.ax(v, k) if not isinstance(v, int) else v
+        self.g.block(a, f"{self.op} '{self.node.name}': {why}", idx)
+
+    def free(self, v: ir.Value, k: int | None = None) -> None:
+        ks = range(self.rank(v)) if k is None else [k]
+        for kk in ks:
+            self.ax(v, kk)
+
+    def inexact(self, a: int, why: str) -> None:
+        self.g.mark_inexact(a, f"{self.op} '{self.node.name}': {why}")
+
+    def broadcast(self, inputs: list[ir.Value | None], out: ir.Value) -> None:
+        """numpy broadcasting: equal-size axes tie, size-1 axes that broadcast do not."""
+        so = self.shape(out)
+        r = len(so)
+        for v in inputs:
+            if v is None:
+                continue
+            sv = self.shape(v)
+            for k, d in enumerate(sv):
+                j = k + r - len(sv)
+                if d == 1 and so[j] != 1:
+                    self.ax(v, k)  # broadcast: not tied, nothing to cut there
+                    continue
+                self.tie(v, k, out, j)
+
+
+def dim_keys(v: ir.Value) -> list:
+    """Per axis: the int size, the symbol name, or None when unknown."""
+    out = []
+    for d in v.shape:
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            out.append(("sym", d.value) if getattr(d, "value", None) else None)
+    return out
+
+
+def shape_literals(v: ir.Value | None) -> list[int | None] | None:
+    """Entries of a shape tensor: an int where the graph holds a literal, None where it is
+    computed at run time. None overall when the shape's structure cannot be traced."""
+    if v is None:
+        return None
+    c = const_array(v)
+    if c is not None:
+        return [int(x) for x in np.atleast_1d(c).tolist()]
+    node = v.producer()
+    if node is None or node.op_type != "Concat":
+        return None
+    out: list[int | None] = []
+    for piece in node.inputs:
+        pc = const_array(piece)
+        if pc is not None:
+            out.extend(int(x) for x in np.atleast_1d(pc).tolist())
+            continue
+        s = value_shape(piece)
+        if s is None or len(s) != 1 or s[0] is None:
+            return None
+        out.extend([None] * s[0])
+    return out

@@ -1,0 +1,161 @@
+"""Convolutions, pooling, resizing and pixel shuffles (channel axis 1, spatial axes 2..)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from surgery.dims import NOT_CHANNEL
+
+from .base import RuleContext, Unsupported, rule
+
+SPATIAL = "spatial axis (" + NOT_CHANNEL + ")"
+
+
+def _spatial_block(ctx: RuleContext, *values) -> None:
+    for v in values:
+        if v is None:
+            continue
+        for k in range(2, ctx.rank(v)):
+            ctx.block(v, k, SPATIAL)
+
+
+def _grouped(ctx: RuleContext, chan: int, groups: int, tag: str) -> tuple[int, int]:
+    """Split a channel axis into groups x per-group (virtual axes); returns their ids."""
+    size = ctx.g.axes[chan].size
+    if size < 0 or size % groups:
+        raise Unsupported(f"channels ({size}) not divisible by groups ({groups})")
+    G = ctx.virtual("groups", groups)
+    P = ctx.virtual(tag, size // groups)
+    ctx.product(chan, [G, P])
+    return G, P
+
+
+@rule("Conv")
+def conv(ctx: RuleContext) -> None:
+    x, w, b, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
+    g = int(ctx.attr("group", 1))
+    ctx.tie(x, 0, y, 0)
+    if g == 1:
+        ctx.tie(x, 1, w, 1)
+    else:
+        _, J = _grouped(ctx, ctx.ax(x, 1), g, "in_per_group")
+        ctx.tie(w, 1, J, None)
+        _grouped(ctx, ctx.ax(w, 0), g, "out_per_group")
+    ctx.tie(w, 0, y, 1)
+    if b is not None:
+        ctx.tie(b, 0, y, 1)
+    _spatial_block(ctx, x, w, y)
+
+
+@rule("ConvTranspose")
+def conv_transpose(ctx: RuleContext) -> None:
+    x, w, b, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
+    g = int(ctx.attr("group", 1))
+    ctx.tie(x, 0, y, 0)
+    ctx.tie(x, 1, w, 0)
+    if g == 1:
+        ctx.tie(w, 1, y, 1)
+    else:
+        _grouped(ctx, ctx.ax(w, 0), g, "in_per_group")
+        _, K = _grouped(ctx, ctx.ax(y, 1), g, "out_per_group")
+        ctx.tie(w, 1, K, None)
+    if b is not None:
+        ctx.tie(b, 0, y, 1)
+    _spatial_block(ctx, x, w, y)
+
+
+@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool", "LRN")
+def pool(ctx: RuleContext) -> None:
+    x = ctx.input(0)
+    if ctx.op == "LRN":  # normalizes across neighbouring channels
+        ctx.tie_same(x, ctx.output(0))
+        ctx.block(x, 1, "normalized across channels")
+        return
+    for out in ctx.node.outputs:
+        if out is None or out.shape is None:
+            continue
+        ctx.tie(x, 0, out, 0)
+        ctx.tie(x, 1, out, 1)
+        _spatial_block(ctx, out)
+    if len(ctx.node.outputs) > 1 and ctx.output(1) is not None and ctx.output(1).uses():
+        # MaxPool indices are flat offsets over N x C x H x W: a channel cut changes them
+        ctx.block(ctx.output(1), 1, "indices encode channel offsets")
+    _spatial_block(ctx, x)
+
+
+@rule("Resize", "Upsample")
+def resize(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    for v in ctx.node.inputs[1:]:
+        if v is not None:
+            ctx.free(v)  # roi / scales / sizes; a `sizes` input is rewritten by the cut
+    if ctx.size(x, 1) != ctx.size(y, 1):
+        raise Unsupported("resizes the channel axis")
+    ctx.tie(x, 0, y, 0)
+    ctx.tie(x, 1, y, 1)
+    _spatial_block(ctx, x, y)
+
+
+@rule("DepthToSpace")
+def depth_to_space(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    b = int(ctx.attr("blocksize"))
+    cout = ctx.size(y, 1)
+    if cout is None:
+        raise Unsupported("channel count unknown")
+    B1, B2, C = ctx.virtual("b1", b), ctx.virtual("b2", b), ctx.virtual("c", cout)
+    order = [C, B1, B2] if ctx.attr("mode", "DCR") == "CRD" else [B1, B2, C]
+    ctx.product(ctx.ax(x, 1), order)
+    ctx.tie(C, None, y, 1)
+    ctx.tie(x, 0, y, 0)
+    _spatial_block(ctx, x, y)
+    for blk in (B1, B2):
+        ctx.block(blk, None, "moved into a spatial axis")
+
+
+@rule("SpaceToDepth")
+def space_to_depth(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    b = int(ctx.attr("blocksize"))
+    cin = ctx.size(x, 1)
+    if cin is None:
+        raise Unsupported("channel count unknown")
+    B1, B2, C = ctx.virtual("b1", b), ctx.virtual("b2", b), ctx.virtual("c", cin)
+    ctx.product(ctx.ax(y, 1), [B1, B2, C])
+    ctx.tie(C, None, x, 1)
+    ctx.tie(x, 0, y, 0)
+    _spatial_block(ctx, x, y)
+    for blk in (B1, B2):
+        ctx.block(blk, None, "moved out of a spatial axis")
+
+
+@rule("Pad")
+def pad(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    r = ctx.rank(x)
+    if ctx.opset >= 11:
+        pads = ctx.const_required(ctx.input(1), "the pads")
+        ctx.free(ctx.input(1))
+        for v in ctx.node.inputs[2:]:
+            if v is not None:
+                ctx.free(v)
+        axes_v = ctx.input(3)
+        axes = list(range(r)) if axes_v is None else [int(a) % r for a in ctx.const_required(axes_v, "the pad axes")]
+    else:
+        pads = np.asarray(ctx.attr("pads"))
+        axes = list(range(r))
+    n = len(axes)
+    begin, end = dict(zip(axes, pads[:n].tolist())), dict(zip(axes, pads[n:].tolist()))
+    for k in range(r):
+        pb, pe = int(begin.get(k, 0)), int(end.get(k, 0))
+        if pb == 0 and pe == 0:
+            ctx.tie(x, k, y, k)
+        elif pb < 0 or pe < 0:
+            ctx.block(x, k, "cropped")
+            ctx.block(y, k, "cropped")
+        else:
+            n_in = ctx.size(x, k)
+            if n_in is None:
+                raise Unsupported("padded axis of unknown size")
+            ctx.tie(x, k, y, k, None, np.arange(pb, pb + n_in))
+            ctx.block(y, k, "padding", np.r_[np.arange(pb), np.arange(pb + n_in, pb + n_in + pe)])

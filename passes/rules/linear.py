@@ -1,0 +1,55 @@
+"""MatMul and Gemm: the contraction ties A's last axis to B's first; free axes pass through."""
+
+from __future__ import annotations
+
+from .base import RuleContext, Unsupported, rule
+
+
+@rule("MatMul")
+def matmul(ctx: RuleContext) -> None:
+    a, b, y = ctx.input(0), ctx.input(1), ctx.output(0)
+    ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
+    if ra == 1 and rb == 1:
+        ctx.tie(a, 0, b, 0)
+        return
+    if ra == 1:  # (K) @ (..., K, N) -> (..., N)
+        ctx.tie(a, 0, b, -2)
+        ctx.tie(b, -1, y, -1)
+        _batch(ctx, b, rb - 2, y, ry - 1)
+        return
+    if rb == 1:  # (..., M, K) @ (K) -> (..., M)
+        ctx.tie(a, -1, b, 0)
+        ctx.tie(a, -2, y, -1)
+        _batch(ctx, a, ra - 2, y, ry - 1)
+        return
+    ctx.tie(a, -1, b, -2)
+    ctx.tie(a, -2, y, -2)
+    ctx.tie(b, -1, y, -1)
+    _batch(ctx, a, ra - 2, y, ry - 2)
+    _batch(ctx, b, rb - 2, y, ry - 2)
+
+
+def _batch(ctx: RuleContext, v, nb: int, y, ny: int) -> None:
+    """Batch axes broadcast against the output's batch axes (right aligned)."""
+    sv, sy = ctx.shape(v), ctx.shape(y)
+    for k in range(nb):
+        j = k + ny - nb
+        if sv[k] == 1 and sy[j] != 1:
+            ctx.ax(v, k)
+        else:
+            ctx.tie(v, k, y, j)
+
+
+@rule("Gemm")
+def gemm(ctx: RuleContext) -> None:
+    a, b, c, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
+    if ctx.rank(a) != 2 or ctx.rank(b) != 2:
+        raise Unsupported("Gemm inputs must be 2-D")
+    ta, tb = ctx.attr("transA", 0), ctx.attr("transB", 0)
+    m_ax, k_ax = (1, 0) if ta else (0, 1)
+    kb_ax, n_ax = (1, 0) if tb else (0, 1)
+    ctx.tie(a, k_ax, b, kb_ax)
+    ctx.tie(a, m_ax, y, 0)
+    ctx.tie(b, n_ax, y, 1)
+    if c is not None:
+        ctx.broadcast([c], y)

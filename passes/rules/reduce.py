@@ -1,0 +1,74 @@
+"""Reductions and softmax: the reduced axes are blocked (a cut there changes the result)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import RuleContext, rule
+
+REDUCE = "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceSumSquare".split()
+
+
+def _axes(ctx: RuleContext, rank: int):
+    axes = None
+    if ctx.op == "ReduceSum" and ctx.opset >= 13 or ctx.opset >= 18:
+        v = ctx.input(1)
+        if v is not None:
+            ctx.free(v)
+            axes = ctx.const_required(v, "the reduction axes").tolist()
+    if axes is None:
+        axes = ctx.attr("axes", None)
+    if axes is None or len(axes) == 0:
+        if ctx.attr("noop_with_empty_axes", 0):
+            return []
+        return list(range(rank))
+    return sorted(int(a) % rank for a in np.atleast_1d(axes))
+
+
+@rule(*REDUCE)
+def reduce(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    r = ctx.rank(x)
+    axes = _axes(ctx, r)
+    keep = ctx.attr("keepdims", 1)
+    j = 0
+    for k in range(r):
+        if k in axes:
+            ctx.block(x, k, "reduced over this axis")
+            if keep:
+                ctx.ax(y, j)
+                j += 1
+            continue
+        ctx.tie(x, k, y, j)
+        j += 1
+
+
+@rule("ArgMax", "ArgMin")
+def argreduce(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    r = ctx.rank(x)
+    axis = ctx.attr("axis", 0) % r
+    keep = ctx.attr("keepdims", 1)
+    j = 0
+    for k in range(r):
+        if k == axis:
+            ctx.block(x, k, "arg-reduced over this axis")
+            if keep:
+                ctx.ax(y, j)
+                j += 1
+            continue
+        ctx.tie(x, k, y, j)
+        j += 1
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax")
+def softmax(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    r = ctx.rank(x)
+    axis = ctx.attr("axis", -1 if ctx.opset >= 13 else 1) % r
+    # before opset 13 the op normalizes over all axes from `axis` on
+    covered = [axis] if ctx.opset >= 13 else list(range(axis, r))
+    for k in range(r):
+        ctx.tie(x, k, y, k)
+        if k in covered:
+            ctx.block(x, k, "normalized over this axis")

@@ -1,0 +1,227 @@
+"""Ops that move data between axes: reshapes, transposes, concat, split, slice, gather."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import RuleContext, Unsupported, dim_keys, rule, shape_literals
+
+
+def _same(a, b) -> bool:
+    return a is not None and a == b
+
+
+def reshape_map(ctx: RuleContext, x, y) -> None:
+    """Tie or factor the axes of x and y, which hold the same elements in row-major order."""
+    dx, dy = dim_keys(x), dim_keys(y)
+    i = 0
+    while i < len(dx) and i < len(dy) and _same(dx[i], dy[i]):
+        ctx.tie(x, i, y, i)
+        i += 1
+    jx, jy = len(dx), len(dy)
+    while jx > i and jy > i and _same(dx[jx - 1], dy[jy - 1]):
+        ctx.tie(x, jx - 1, y, jy - 1)
+        jx, jy = jx - 1, jy - 1
+    mx, my = dx[i:jx], dy[i:jy]
+    if not mx and not my:
+        return
+    if any(not isinstance(d, int) for d in mx + my):
+        raise Unsupported("reshape over axes of unknown size")
+    if int(np.prod(mx)) != int(np.prod(my)):
+        raise Unsupported("reshape with inconsistent sizes")
+    cuts = set()
+    for side in (mx, my):
+        p = 1
+        for d in side:
+            p *= d
+            cuts.add(p)
+    cuts = sorted(cuts)
+    prev = 1
+    factors = []
+    for c in cuts:
+        if c % prev:
+            raise Unsupported("reshape mixes axes that do not factor into each other")
+        if c != prev:
+            factors.append((prev, c))
+        prev = c
+    fids = [ctx.virtual(f"f{k}", hi // lo) for k, (lo, hi) in enumerate(factors)]
+    for v, side, base in ((x, mx, i), (y, my, i)):
+        p = 1
+        for k, d in enumerate(side):
+            lo, hi = p, p * d
+            p = hi
+            a = ctx.ax(v, base + k)
+            if d == 1:
+                continue
+            cover = [f for f, (flo, fhi) in zip(fids, factors) if flo >= lo and fhi <= hi]
+            if len(cover) == 1:
+                ctx.tie(a, None, cover[0], None)
+            else:
+                ctx.product(a, cover)
+
+
+def _runtime_shape_guard(ctx: RuleContext, y, shape_v) -> None:
+    """Entries computed at run time cannot be rewritten: block the axes they size."""
+    if shape_v is None or ctx.const(shape_v) is not None:
+        return
+    lits = shape_literals(shape_v)
+    sy = ctx.shape(y)
+    for j, s in enumerate(sy):
+        if lits is not None and j < len(lits) and lits[j] is not None:
+            continue
+        if s is not None and s > 1:
+            ctx.block(y, j, "reshape target computed at run time")
+
+
+@rule("Reshape")
+def reshape(ctx: RuleContext) -> None:
+    x, shape_v, y = ctx.input(0), ctx.input(1), ctx.output(0)
+    ctx.free(shape_v)
+    _runtime_shape_guard(ctx, y, shape_v)
+    reshape_map(ctx, x, y)
+
+
+@rule("Flatten", "Squeeze", "Unsqueeze")
+def flatten_like(ctx: RuleContext) -> None:
+    for v in ctx.node.inputs[1:]:
+        if v is not None:
+            ctx.free(v)
+    reshape_map(ctx, ctx.input(0), ctx.output(0))
+
+
+@rule("Transpose")
+def transpose(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    r = ctx.rank(x)
+    perm = ctx.attr("perm", None) or list(reversed(range(r)))
+    for j, k in enumerate(perm):
+        ctx.tie(x, int(k), y, j)
+
+
+@rule("Concat")
+def concat(ctx: RuleContext) -> None:
+    y = ctx.output(0)
+    r = ctx.rank(y)
+    axis = int(ctx.attr("axis")) % r
+    off = 0
+    for v in ctx.node.inputs:
+        n = ctx.size(v, axis)
+        if n is None:
+            raise Unsupported("concatenated axis of unknown size")
+        for k in range(r):
+            if k == axis:
+                ctx.tie(v, k, y, k, None, np.arange(off, off + n))
+            else:
+                ctx.tie(v, k, y, k)
+        off += n
+
+
+def _split_sizes(ctx: RuleContext, x, axis: int) -> list[int]:
+    outs = [o for o in ctx.node.outputs]
+    sizes = [ctx.size(o, axis) for o in outs]
+    if any(s is None for s in sizes):
+        raise Unsupported("split sizes unknown")
+    return sizes
+
+
+@rule("Split")
+def split(ctx: RuleContext) -> None:
+    x = ctx.input(0)
+    r = ctx.rank(x)
+    axis = int(ctx.attr("axis", 0)) % r
+    if ctx.input(1) is not None:
+        ctx.free(ctx.input(1))
+    off = 0
+    for o, n in zip(ctx.node.outputs, _split_sizes(ctx, x, axis)):
+        for k in range(r):
+            if k == axis:
+                ctx.tie(x, k, o, k, np.arange(off, off + n), None)
+            else:
+                ctx.tie(x, k, o, k)
+        off += n
+
+
+def slice_params(ctx: RuleContext, r: int):
+    """(axis, start, end, step) per sliced axis, normalized against the input shape."""
+    if ctx.opset >= 10:
+        starts = ctx.const_required(ctx.input(1), "slice starts")
+        ends = ctx.const_required(ctx.input(2), "slice ends")
+        axes = ctx.const(ctx.input(3)) if ctx.input(3) is not None else None
+        steps = ctx.const(ctx.input(4)) if ctx.input(4) is not None else None
+        for v in ctx.node.inputs[1:]:
+            if v is not None:
+                ctx.free(v)
+                if ctx.const(v) is None:
+                    raise Unsupported("slice parameters computed at run time")
+    else:
+        starts, ends = ctx.attr("starts"), ctx.attr("ends")
+        axes, steps = ctx.attr("axes", None), None
+    starts, ends = np.atleast_1d(starts).tolist(), np.atleast_1d(ends).tolist()
+    axes = list(range(len(starts))) if axes is None else [int(a) % r for a in np.atleast_1d(axes)]
+    steps = [1] * len(starts) if steps is None else np.atleast_1d(steps).tolist()
+    return list(zip(axes, starts, ends, steps))
+
+
+@rule("Slice")
+def slice_(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    r = ctx.rank(x)
+    sliced = {a: (s, e, st) for a, s, e, st in slice_params(ctx, r)}
+    for k in range(r):
+        if k not in sliced:
+            ctx.tie(x, k, y, k)
+            continue
+        n = ctx.size(x, k)
+        if n is None:
+            ctx.block(y, k, "sliced axis of unknown size")
+            ctx.ax(x, k)
+            continue
+        s, e, st = sliced[k]
+        idx = np.arange(n)[slice(int(s), int(e), int(st))]
+        if st != 1:
+            ctx.block(x, k, "strided slice")
+        ctx.tie(x, k, y, k, idx, None)
+
+
+@rule("Gather")
+def gather(ctx: RuleContext) -> None:
+    data, ind, y = ctx.input(0), ctx.input(1), ctx.output(0)
+    r = ctx.rank(data)
+    axis = int(ctx.attr("axis", 0)) % r
+    ri = ctx.rank(ind)
+    for k in range(axis):
+        ctx.tie(data, k, y, k)
+    for k in range(axis + 1, r):
+        ctx.tie(data, k, y, k - 1 + ri)
+    c = ctx.const(ind)
+    n = ctx.size(data, axis)
+    if c is not None and n is not None and ri == 1:
+        ctx.free(ind)
+        ctx.tie(data, axis, y, axis, np.asarray(c) % n, None)
+        return
+    for k in range(ri):
+        ctx.tie(ind, k, y, axis + k)
+    if c is not None and n is not None:
+        ctx.block(data, axis, "selected by Gather", np.unique(np.asarray(c) % n))
+    else:
+        ctx.block(data, axis, "indexed by run-time data")
+
+
+@rule("Shape", "Size")
+def shape_of(ctx: RuleContext) -> None:
+    # reads sizes at run time, so it follows any cut by itself
+    ctx.free(ctx.input(0))
+    ctx.free(ctx.output(0))
+
+
+@rule("Tile")
+def tile(ctx: RuleContext) -> None:
+    x, reps_v, y = ctx.input(0), ctx.input(1), ctx.output(0)
+    ctx.free(reps_v)
+    reps = ctx.const_required(reps_v, "tile repeats")
+    for k, rep in enumerate(np.atleast_1d(reps).tolist()):
+        if rep == 1:
+            ctx.tie(x, k, y, k)
+        else:
+            ctx.block(x, k, "tiled")
+            ctx.block(y, k, "tiled")

@@ -1,0 +1,185 @@
+"""Groups: the sets of channel units that must be removed together, read off the coupling.
+
+A group is every atom whose removal touches the same set of axes (all channels a
+conv produces, together with everything downstream that reads them; all heads of
+one attention). Its units are its atoms that are not blocked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cached_property
+
+import numpy as np
+import onnx_ir as ir
+import scipy.sparse as sp
+
+from surgery.dims import NOT_CHANNEL, Coupling, DimGraph, group_atoms
+from surgery.passes.dependency import build_dim_graph
+
+
+@dataclasses.dataclass
+class WeightSlice:
+    """One weight axis a group cuts: ``units[u]`` marks the indices unit u removes."""
+
+    tensor: str
+    axis: int
+    value: ir.Value
+    units: sp.csr_matrix  # units x axis length
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.value.const_value.numpy()
+
+
+@dataclasses.dataclass
+class Group:
+    id: int
+    name: str  # "<tensor>@<axis>" of its first weight axis
+    atoms: np.ndarray  # prunable atoms: the units
+    blocked_atoms: np.ndarray
+    blocked_reason: str | None
+    inexact_reason: str | None
+    axes: tuple[int, ...]
+    unit: int  # channels one unit removes from the group's first weight axis
+    slices: list[WeightSlice]
+
+    @property
+    def prunable(self) -> bool:
+        return len(self.atoms) >= 2 or (len(self.atoms) >= 1 and len(self.blocked_atoms) >= 1)
+
+    @property
+    def exact(self) -> bool:
+        return self.inexact_reason is None
+
+
+class Analysis:
+    """The result of lowering a model into coupled dims: groups, and how to cut them."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        _name_nodes(model)
+        self.dims: DimGraph = build_dim_graph(model)
+        self.coupling: Coupling = self.dims.solve()
+        self.groups: list[Group] = self._groups()
+
+    # -- construction -----------------------------------------------------
+    def _initializer_axes(self) -> dict[int, tuple[str, int, ir.Value]]:
+        out = {}
+        inits = self.model.graph.initializers
+        for i, ax in enumerate(self.dims.axes):
+            kind, name, k = ax.key
+            if kind == "value" and name in inits and ax.offset >= 0:
+                out[i] = (name, k, inits[name])
+        return out
+
+    def _groups(self) -> list[Group]:
+        c = self.coupling
+        g = self.dims
+        init_axes = self._initializer_axes()
+        groups = []
+        for axes, atoms in group_atoms(c):
+            w_axes = [a for a in axes if a in init_axes]
+            if not w_axes:
+                continue  # removing it saves no weight
+            atoms = np.array(sorted(atoms), dtype=np.int64)
+            blocked = np.array([a for a in atoms if a in c.atom_block], dtype=np.int64)
+            free = np.array([a for a in atoms if a not in c.atom_block], dtype=np.int64)
+            reason = next((c.atom_block[a] for a in atoms if a in c.atom_block), None)
+            if not len(free) and NOT_CHANNEL in reason:
+                continue  # kernel taps and spatial positions are not channels
+            inexact = next((c.atom_inexact[a] for a in atoms if a in c.atom_inexact), None)
+            slices = []
+            for a in w_axes:
+                name, k, value = init_axes[a]
+                ax = g.axes[a]
+                sub = c.removes[ax.offset : ax.offset + ax.size][:, free] if len(free) else None
+                units = sp.csr_matrix(sub.T) if sub is not None else sp.csr_matrix((0, ax.size))
+                slices.append(WeightSlice(name, k, value, units))
+            first = slices[0]
+            unit = int(first.units.sum(axis=1).max()) if first.units.shape[0] else 0
+            groups.append(
+                Group(
+                    id=-1,
+                    name=f"{first.tensor}@{first.axis}",
+                    atoms=free,
+                    blocked_atoms=blocked,
+                    blocked_reason=reason,
+                    inexact_reason=inexact,
+                    axes=tuple(axes),
+                    unit=unit,
+                    slices=slices,
+                )
+            )
+        groups.sort(key=lambda gr: min(a for a in gr.axes if a in init_axes))
+        seen: dict[str, int] = {}
+        for i, gr in enumerate(groups):
+            gr.id = i
+            n = seen[gr.name] = seen.get(gr.name, 0) + 1
+            if n > 1:  # e.g. a grouped conv's groups and its channels-per-group
+                gr.name = f"{gr.name}#{n}"
+        return groups
+
+    # -- queries ----------------------------------------------------------
+    @cached_property
+    def value_axes(self) -> dict[str, list[int]]:
+        """value or initializer name -> its axis ids."""
+        out: dict[str, list[int]] = {}
+        for i, ax in enumerate(self.dims.axes):
+            if ax.key[0] == "value":
+                out.setdefault(ax.key[1], []).append(i)
+        return out
+
+    def removed_indices(self, atoms) -> dict[int, np.ndarray]:
+        """axis id -> sorted indices removed along it, for removing ``atoms``."""
+        mask = self.coupling.removed_elements(atoms) if len(atoms) else np.zeros(self.dims.n_elements, bool)
+        out = {}
+        for i, ax in enumerate(self.dims.axes):
+            if ax.offset < 0:
+                continue
+            m = mask[ax.offset : ax.offset + ax.size]
+            if m.any():
+                out[i] = np.flatnonzero(m)
+        return out
+
+    @cached_property
+    def _removes_csc(self):
+        return self.coupling.removes.tocsc()
+
+    @cached_property
+    def _axis_starts(self) -> tuple[np.ndarray, np.ndarray]:
+        ids = [i for i, ax in enumerate(self.dims.axes) if ax.offset >= 0 and ax.size > 0]
+        return np.array([self.dims.axes[i].offset for i in ids], dtype=np.int64), np.array(ids, dtype=np.int64)
+
+    def footprint(self, atom: int) -> dict[int, np.ndarray]:
+        """axis id -> indices removed along it by removing this one atom."""
+        M = self._removes_csc
+        els = np.sort(M.indices[M.indptr[atom] : M.indptr[atom + 1]])
+        starts, ids = self._axis_starts
+        pos = np.searchsorted(starts, els, side="right") - 1
+        out: dict[int, np.ndarray] = {}
+        for p in np.unique(pos):
+            a = int(ids[p])
+            out[a] = els[pos == p] - starts[p]
+        return out
+
+    def atoms_touching(self, axis_ids) -> set[int]:
+        """Atoms whose removal would cut any of these axes."""
+        rows = []
+        for a in axis_ids:
+            ax = self.dims.axes[a]
+            if ax.offset >= 0:
+                rows.append(np.arange(ax.offset, ax.offset + ax.size))
+        if not rows:
+            return set()
+        sub = self.coupling.removes[np.concatenate(rows)]
+        return set(np.unique(sub.indices).tolist())
+
+
+def _name_nodes(model: ir.Model) -> None:
+    """Virtual axes are keyed by node name, so every node needs a unique one."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)

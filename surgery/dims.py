@@ -1,0 +1,290 @@
+"""Coupled channel dimensions: the core abstraction (see docs/design-notes.md).
+
+Every tensor axis a rule mentions is an *axis node*; every index along it is an
+*element*. Rules declare two kinds of relation:
+
+- a **tie** says element ``i`` of axis ``a`` and element ``j`` of axis ``b`` are the
+  same channel (identity, concat offsets, slices, permutations); ties are unions;
+- a **product** says an axis is the row-major product of other axes (Reshape
+  splitting hidden into heads x head_dim, a grouped conv's channels into
+  groups x channels-per-group); an element of a product axis is removed when
+  any of its factors is removed.
+
+Connected components of the ties are channels; components with no product
+behind them are **atoms**, the units the policy removes. A derived component
+(an element of a product axis) is removed when any atom it is made of is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+
+
+NOT_CHANNEL = "not a channel axis"  # block reason for spatial axes; such groups are not reported
+
+
+@dataclasses.dataclass
+class Axis:
+    key: tuple  # ("value", name, axis) or ("virtual", node name, tag)
+    size: int  # -1 when not static
+    offset: int = -1  # first element id, -1 when the axis has no elements
+
+
+class DimGraph:
+    """Axis nodes and the relations between their elements, filled in by rules."""
+
+    def __init__(self) -> None:
+        self.axes: list[Axis] = []
+        self._by_key: dict[tuple, int] = {}
+        self.n_elements = 0
+        self._tie_a: list[np.ndarray] = []
+        self._tie_b: list[np.ndarray] = []
+        self.products: list[tuple[int, list[int]]] = []
+        # element id arrays with a reason each
+        self.blocked: list[tuple[np.ndarray, str]] = []
+        self.inexact: list[tuple[np.ndarray, str]] = []
+
+    # -- axis nodes -------------------------------------------------------
+    def axis(self, key: tuple, size: int) -> int:
+        idx = self._by_key.get(key)
+        if idx is not None:
+            return idx
+        ax = Axis(key, int(size) if size is not None else -1)
+        if ax.size >= 0:
+            ax.offset = self.n_elements
+            self.n_elements += ax.size
+        self.axes.append(ax)
+        self._by_key[key] = len(self.axes) - 1
+        return len(self.axes) - 1
+
+    def find(self, key: tuple) -> int | None:
+        return self._by_key.get(key)
+
+    def elements(self, a: int, idx=None) -> np.ndarray:
+        ax = self.axes[a]
+        if ax.offset < 0:
+            return np.zeros(0, dtype=np.int64)
+        if idx is None:
+            return np.arange(ax.offset, ax.offset + ax.size, dtype=np.int64)
+        return ax.offset + np.asarray(idx, dtype=np.int64)
+
+    # -- relations --------------------------------------------------------
+    def tie(self, a: int, b: int, ia=None, ib=None, why: str = "") -> None:
+        """Element ia[k] of a is the same channel as element ib[k] of b."""
+        A, B = self.axes[a], self.axes[b]
+        if A.size < 0 or B.size < 0:
+            # a static axis tied to one whose size is unknown cannot be cut
+            for x in (A, B):
+                if x.size >= 0:
+                    self.block(self._by_key[x.key], why or "tied to an axis of unknown size")
+            return
+        ea, eb = self.elements(a, ia), self.elements(b, ib)
+        if len(ea) != len(eb):
+            raise ValueError(f"tie between {A.key} and {B.key}: {len(ea)} != {len(eb)} elements")
+        self._tie_a.append(ea)
+        self._tie_b.append(eb)
+
+    def product(self, flat: int, factors: list[int]) -> None:
+        """Axis ``flat`` is the row-major product of ``factors``."""
+        sizes = [self.axes[f].size for f in factors]
+        F = self.axes[flat]
+        if F.size < 0 or any(s < 0 for s in sizes) or int(np.prod(sizes)) != F.size:
+            for x in [flat, *factors]:
+                self.block(x, "reshape over axes of unknown or inconsistent size")
+            return
+        self.products.append((flat, list(factors)))
+
+    def block(self, a: int, why: str, idx=None) -> None:
+        e = self.elements(a, idx)
+        if len(e):
+            self.blocked.append((e, why))
+
+    def mark_inexact(self, a: int, why: str, idx=None) -> None:
+        e = self.elements(a, idx)
+        if len(e):
+            self.inexact.append((e, why))
+
+    # -- solving ----------------------------------------------------------
+    def solve(self) -> "Coupling":
+        return Coupling(self)
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    g = sp.coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    _, labels = connected_components(g, directed=False)
+    return labels.astype(np.int64)
+
+
+class Coupling:
+    """The solved coupling: channels (components), atoms and what each atom removes."""
+
+    def __init__(self, g: DimGraph) -> None:
+        self.graph = g
+        n = g.n_elements
+        ta = np.concatenate(g._tie_a) if g._tie_a else np.zeros(0, np.int64)
+        tb = np.concatenate(g._tie_b) if g._tie_b else np.zeros(0, np.int64)
+        blocked_extra: list[np.ndarray] = []
+        # Derivations must agree: a component reached by two factor tuples
+        # unifies those tuples position by position (iterate to a fixpoint).
+        for _ in range(20):
+            comp = _components(n, ta, tb)
+            deriv, extra_a, extra_b, bad = self._derivations(comp)
+            blocked_extra.extend(bad)
+            if not len(extra_a):
+                break
+            ta = np.concatenate([ta, extra_a])
+            tb = np.concatenate([tb, extra_b])
+        self.comp = comp
+        self.n_comp = int(comp.max()) + 1 if n else 0
+        self.deriv = deriv  # component -> tuple of factor components
+        self._leaves_cache: dict[int, tuple[int, ...]] = {}
+        self.cyclic: set[int] = set()
+        for c in list(deriv):
+            self.leaves(c)
+
+        # blocked and inexact components, with reasons
+        self.block_reason: dict[int, str] = {}
+        for e, why in g.blocked:
+            for c in np.unique(comp[e]):
+                self.block_reason.setdefault(int(c), why)
+        for e in blocked_extra:
+            for c in np.unique(comp[e]):
+                self.block_reason.setdefault(int(c), "reshape factors that cannot agree")
+        for c in self.cyclic:
+            self.block_reason.setdefault(c, "cyclic reshape derivation")
+        self.inexact_reason: dict[int, str] = {}
+        for e, why in g.inexact:
+            for c in np.unique(comp[e]):
+                self.inexact_reason.setdefault(int(c), why)
+
+        # A blocked derived component blocks every atom it is made of; an
+        # inexact one makes them inexact.
+        self.atom_block: dict[int, str] = {}
+        self.atom_inexact: dict[int, str] = {}
+        for table, out in ((self.block_reason, self.atom_block), (self.inexact_reason, self.atom_inexact)):
+            for c, why in table.items():
+                for leaf in self.leaves(c):
+                    out.setdefault(leaf, why)
+
+        # element -> atoms whose removal removes it (CSR, elements x components)
+        rows, cols = [], []
+        comp_leaves_ptr = {}
+        for c in deriv:
+            comp_leaves_ptr[c] = self.leaves(c)
+        derived_mask = np.zeros(self.n_comp, dtype=bool)
+        if deriv:
+            derived_mask[list(deriv)] = True
+        el = np.arange(n, dtype=np.int64)
+        plain = ~derived_mask[comp] if n else np.zeros(0, bool)
+        rows.append(el[plain])
+        cols.append(comp[plain])
+        if deriv:
+            dc = comp[~plain]
+            de = el[~plain]
+            order = np.argsort(dc, kind="stable")
+            dc, de = dc[order], de[order]
+            uniq, starts = np.unique(dc, return_index=True)
+            bounds = list(starts) + [len(dc)]
+            for k, c in enumerate(uniq):
+                els = de[bounds[k] : bounds[k + 1]]
+                for leaf in comp_leaves_ptr[int(c)]:
+                    rows.append(els)
+                    cols.append(np.full(len(els), leaf, dtype=np.int64))
+        r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        cc = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+        self.removes = sp.csr_matrix(
+            (np.ones(len(r), dtype=np.float32), (r, cc)), shape=(n, max(self.n_comp, 1))
+        )  # elements x atoms
+        self.atoms = np.array(
+            sorted(set(range(self.n_comp)) - set(deriv)), dtype=np.int64
+        )
+
+    def _derivations(self, comp):
+        """component -> factor-component tuple, plus the unions needed to make them agree."""
+        g = self.graph
+        deriv: dict[int, tuple[int, ...]] = {}
+        extra_a, extra_b, bad = [], [], []
+        _, first = np.unique(comp, return_index=True)  # component -> one element of it
+        for flat, factors in g.products:
+            F = g.axes[flat]
+            sizes = [g.axes[f].size for f in factors]
+            idx = np.unravel_index(np.arange(F.size), sizes)
+            fac = np.stack([comp[g.axes[f].offset + i] for f, i in zip(factors, idx)], axis=1)
+            fcomp = comp[F.offset + np.arange(F.size)]
+            for c, row in zip(fcomp.tolist(), map(tuple, fac.tolist())):
+                old = deriv.get(c)
+                if old is None:
+                    deriv[c] = row
+                elif old != row:
+                    if len(old) != len(row):
+                        bad.append(np.array([F.offset], dtype=np.int64))
+                        continue
+                    for x, y in zip(old, row):
+                        if x != y:
+                            extra_a.append(first[x])
+                            extra_b.append(first[y])
+        if extra_a:
+            return deriv, np.array(extra_a, np.int64), np.array(extra_b, np.int64), bad
+        return deriv, np.zeros(0, np.int64), np.zeros(0, np.int64), bad
+
+    def leaves(self, c: int, _stack=None) -> tuple[int, ...]:
+        """The atoms a component is made of (itself when it is an atom)."""
+        hit = self._leaves_cache.get(c)
+        if hit is not None:
+            return hit
+        d = self.deriv.get(c)
+        if d is None:
+            res = (c,)
+        else:
+            stack = _stack or set()
+            if c in stack:
+                self.cyclic.add(c)
+                return (c,)
+            stack.add(c)
+            out: list[int] = []
+            for f in d:
+                for leaf in self.leaves(f, stack):
+                    if leaf not in out:
+                        out.append(leaf)
+            stack.discard(c)
+            res = tuple(out)
+        self._leaves_cache[c] = res
+        return res
+
+    # -- queries ----------------------------------------------------------
+    def removed_elements(self, atoms) -> np.ndarray:
+        """Boolean mask over elements removed when ``atoms`` are removed."""
+        v = np.zeros(self.removes.shape[1], dtype=np.float32)
+        v[np.asarray(list(atoms), dtype=np.int64)] = 1.0
+        return (self.removes @ v) > 0
+
+    def axis_groups(self):
+        """atom -> tuple of axis ids its removal touches."""
+        g = self.graph
+        n = g.n_elements
+        axis_of = np.empty(n, dtype=np.int64)
+        for i, ax in enumerate(g.axes):
+            if ax.offset >= 0:
+                axis_of[ax.offset : ax.offset + ax.size] = i
+        E = sp.csr_matrix(
+            (np.ones(n, np.float32), (np.arange(n), axis_of)), shape=(n, len(g.axes))
+        )
+        T = (self.removes.T @ E).tocsr()  # atoms x axes
+        out: dict[int, tuple[int, ...]] = {}
+        for a in self.atoms.tolist():
+            cols = T.indices[T.indptr[a] : T.indptr[a + 1]]
+            out[a] = tuple(sorted(cols.tolist()))
+        return out
+
+
+def group_atoms(coupling: Coupling) -> list[tuple[tuple[int, ...], list[int]]]:
+    """Atoms that touch the same axes form one group; returns (axes, atoms) pairs."""
+    by_axes: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for atom, axes in coupling.axis_groups().items():
+        by_axes[axes].append(atom)
+    return list(by_axes.items())

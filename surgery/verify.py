@@ -1,0 +1,135 @@
+"""Verification: run the pruned model in onnxruntime and check mask-equivalence.
+
+The masked original is the input model with every weight slice the plan removes
+set to zero. Where the cut is exact it must give the pruned model's outputs to
+float tolerance; where a normalization spans a cut axis it cannot, and the
+report says so instead of claiming either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from surgery.errors import SurgeryError
+
+_NP = {
+    ir.DataType.FLOAT: np.float32, ir.DataType.DOUBLE: np.float64, ir.DataType.FLOAT16: np.float16,
+    ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32, ir.DataType.BOOL: np.bool_,
+    ir.DataType.UINT8: np.uint8, ir.DataType.INT8: np.int8,
+}
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    max_abs_diff: float
+    exact: bool | None
+    why: str
+
+    def as_dict(self) -> dict:
+        return {"max_abs_diff": self.max_abs_diff, "exact": self.exact, "why": self.why}
+
+
+def concrete_shapes(model: ir.Model, overrides: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
+    """Shapes to feed: declared dims, symbolic ones 1, unless overridden by name."""
+    overrides = dict(overrides or {})
+    names = [v.name for v in model.graph.inputs]
+    for k in overrides:
+        if k not in names:
+            raise SurgeryError(f"--input-shape names '{k}', which is not a graph input (inputs: {', '.join(names)})")
+    out = {}
+    for v in model.graph.inputs:
+        if v.name in overrides:
+            shp = tuple(int(d) for d in overrides[v.name])
+            if v.shape is not None and len(v.shape) != len(shp):
+                raise SurgeryError(f"--input-shape for '{v.name}' has rank {len(shp)}, the model declares rank {len(v.shape)}")
+            out[v.name] = shp
+        elif v.shape is None:
+            raise SurgeryError(f"input '{v.name}' has no declared shape; give one with --input-shape {v.name}:1x3x224x224")
+        else:
+            out[v.name] = tuple(d if isinstance(d, int) else 1 for d in v.shape)
+    return out
+
+
+def random_feeds(model: ir.Model, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for v in model.graph.inputs:
+        dt = _NP.get(v.dtype, np.float32)
+        shp = shapes[v.name]
+        if np.issubdtype(dt, np.floating):
+            feeds[v.name] = rng.standard_normal(shp).astype(dt)
+        elif dt == np.bool_:
+            feeds[v.name] = np.ones(shp, dtype=dt)
+        else:
+            feeds[v.name] = np.zeros(shp, dtype=dt)
+    return feeds
+
+
+def session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        raise SurgeryError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
+
+
+def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return session(proto).run(None, feeds)
+
+
+def masked(original: onnx.ModelProto, plan_tensors: dict[str, list[tuple[int, np.ndarray]]]) -> onnx.ModelProto:
+    """The original with every removed weight slice set to zero."""
+    out = onnx.ModelProto()
+    out.CopyFrom(original)
+    for init in out.graph.initializer:
+        cuts = plan_tensors.get(init.name)
+        if not cuts:
+            continue
+        arr = onnx.numpy_helper.to_array(init).copy()
+        for axis, idx in cuts:
+            sl = [slice(None)] * arr.ndim
+            sl[axis] = idx
+            arr[tuple(sl)] = 0
+        init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    return out
+
+
+def compare(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            raise SurgeryError(f"pruned model output shape {y.shape} differs from the original's {x.shape}")
+        if x.size and np.issubdtype(x.dtype, np.number):
+            d = np.abs(x.astype(np.float64) - y.astype(np.float64))
+            worst = max(worst, float(np.nanmax(d)) if not np.isnan(d).all() else float("inf"))
+    return worst
+
+
+def tolerance(ref: list[np.ndarray]) -> float:
+    scale = max((float(np.abs(r).max()) for r in ref if r.size and np.issubdtype(r.dtype, np.floating)), default=1.0)
+    return 1e-4 * max(1.0, scale)
+
+
+def verify(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    plan_tensors: dict[str, list[tuple[int, np.ndarray]]],
+    feeds: dict[str, np.ndarray],
+    inexact_reason: str | None,
+) -> VerifyResult:
+    out_pruned = run(pruned, feeds)
+    out_masked = run(masked(original, plan_tensors), feeds)
+    diff = compare(out_masked, out_pruned)
+    if inexact_reason:
+        return VerifyResult(diff, None, f"not exact by construction: {inexact_reason}")
+    tol = tolerance(out_masked)
+    if diff <= tol:
+        return VerifyResult(diff, True, f"mask-equivalent within {tol:.1e}")
+    return VerifyResult(diff, False, f"outputs differ from the masked original by {diff:.3g} (tolerance {tol:.1e})")
