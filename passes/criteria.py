@@ -50,25 +50,22 @@ def _load_entry_points() -> None:
             CRITERIA[ep.name] = ep.load()
 
 
-def per_index(group: Group, reduce: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]) -> np.ndarray:
-    """Sum, over every weight slice, of ``reduce(weight, other_axes)`` gathered per unit."""
-    total = np.zeros(len(group.atoms), dtype=np.float64)
-    for sl in group.slices:
-        arr = np.asarray(sl.array, dtype=np.float64)
-        other = tuple(k for k in range(arr.ndim) if k != sl.axis)
-        total += sl.units @ reduce(arr, other)
-    return total
+def per_index(group: Group, key: str, reduce: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]) -> np.ndarray:
+    """Per unit: the sum over every weight slice it removes of ``reduce(weight, other_axes)``.
+
+    Computed once for all groups of a model (one sparse product), then indexed."""
+    return group.analysis.weight_stat(key, reduce)[group.atoms]
 
 
 @criterion("l2")
 def l2(group: Group, ctx: CriterionContext) -> np.ndarray:
     """Group L2 norm: every weight a unit would remove, across all coupled layers."""
-    return np.sqrt(per_index(group, lambda a, ax: np.square(a).sum(axis=ax)))
+    return np.sqrt(per_index(group, "sumsq", lambda a, ax: np.square(a).sum(axis=ax)))
 
 
 @criterion("l1")
 def l1(group: Group, ctx: CriterionContext) -> np.ndarray:
-    return per_index(group, lambda a, ax: np.abs(a).sum(axis=ax))
+    return per_index(group, "abs", lambda a, ax: np.abs(a).sum(axis=ax))
 
 
 @criterion("random")

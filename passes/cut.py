@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from surgery.analysis import Analysis
-from surgery.passes.rules.base import const_array, value_shape
+from surgery.passes.rules.base import Unsupported, const_array, value_shape
 from surgery.passes.rules.shape import slice_params
 
 REWRITES: dict[str, Callable[["CutContext", ir.Node], None]] = {}
@@ -234,29 +234,10 @@ def _slice(ctx: CutContext, node: ir.Node) -> None:
     x = node.inputs[0]
     r = len(x.shape)
 
-    class _P:  # the analysis helper reads parameters through a RuleContext-like object
-        opset = ctx.opset
-
-        @staticmethod
-        def input(i):
-            return node.inputs[i] if i < len(node.inputs) else None
-
-        @staticmethod
-        def attr(name, default=None):
-            a = node.attributes.get(name)
-            return default if a is None else a.value
-
-        const = staticmethod(const_array)
-
-        @staticmethod
-        def const_required(v, what):
-            return const_array(v)
-
-        @staticmethod
-        def free(v):
-            pass
-
-    params = slice_params(_P, r)
+    try:
+        params = slice_params(node, ctx.opset, r)
+    except Unsupported:
+        return  # run-time bounds: the analysis blocked every axis they touch
     starts, ends = [], []
     changed = False
     for axis, s, e, st in params:

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 
 from surgery.dims import NOT_CHANNEL, Coupling, DimGraph, group_atoms
 from surgery.passes.dependency import build_dim_graph
+from surgery.passes.shapes import complete_shapes
 
 
 @dataclasses.dataclass
@@ -42,7 +43,29 @@ class Group:
     inexact_reason: str | None
     axes: tuple[int, ...]
     unit: int  # channels one unit removes from the group's first weight axis
-    slices: list[WeightSlice]
+    weight_axes: list[int]
+    analysis: "Analysis" = dataclasses.field(repr=False, default=None)
+
+    @cached_property
+    def slices(self) -> list[WeightSlice]:
+        """Every weight axis this group cuts, with the unit -> indices map."""
+        a = self.analysis
+        out = []
+        for ax_id in self.weight_axes:
+            kind, name, k = a.dims.axes[ax_id].key
+            ax = a.dims.axes[ax_id]
+            sub = a._removes_csc[:, self.atoms][ax.offset : ax.offset + ax.size] if len(self.atoms) else None
+            units = sp.csr_matrix(sub.T) if sub is not None else sp.csr_matrix((0, ax.size))
+            out.append(WeightSlice(name, k, a.model.graph.initializers[name], units))
+        return out
+
+    def weight_slices_names(self) -> list:
+        """(tensor, axis) of every weight axis the group cuts, without building the unit maps."""
+        out = []
+        for ax_id in self.weight_axes:
+            _, name, k = self.analysis.dims.axes[ax_id].key
+            out.append(WeightSlice(name, k, None, None))
+        return out
 
     @property
     def prunable(self) -> bool:
@@ -59,6 +82,7 @@ class Analysis:
     def __init__(self, model: ir.Model) -> None:
         self.model = model
         _name_nodes(model)
+        complete_shapes(model)
         self.dims: DimGraph = build_dim_graph(model)
         self.coupling: Coupling = self.dims.solve()
         self.groups: list[Group] = self._groups()
@@ -88,27 +112,24 @@ class Analysis:
             reason = next((c.atom_block[a] for a in atoms if a in c.atom_block), None)
             if not len(free) and NOT_CHANNEL in reason:
                 continue  # kernel taps and spatial positions are not channels
+            if len(atoms) == 1 and not len(blocked):
+                continue  # a single unit (a depthwise conv's one channel per group) can never go
             inexact = next((c.atom_inexact[a] for a in atoms if a in c.atom_inexact), None)
-            slices = []
-            for a in w_axes:
-                name, k, value = init_axes[a]
-                ax = g.axes[a]
-                sub = c.removes[ax.offset : ax.offset + ax.size][:, free] if len(free) else None
-                units = sp.csr_matrix(sub.T) if sub is not None else sp.csr_matrix((0, ax.size))
-                slices.append(WeightSlice(name, k, value, units))
-            first = slices[0]
-            unit = int(first.units.sum(axis=1).max()) if first.units.shape[0] else 0
+            first = w_axes[0]
+            fname, fk, _ = init_axes[first]
+            unit = int(max(len(self.footprint(int(a)).get(first, ())) for a in atoms[:8]))
             groups.append(
                 Group(
                     id=-1,
-                    name=f"{first.tensor}@{first.axis}",
+                    name=f"{fname}@{fk}",
                     atoms=free,
                     blocked_atoms=blocked,
                     blocked_reason=reason,
                     inexact_reason=inexact,
                     axes=tuple(axes),
                     unit=unit,
-                    slices=slices,
+                    weight_axes=w_axes,
+                    analysis=self,
                 )
             )
         groups.sort(key=lambda gr: min(a for a in gr.axes if a in init_axes))
@@ -132,15 +153,37 @@ class Analysis:
 
     def removed_indices(self, atoms) -> dict[int, np.ndarray]:
         """axis id -> sorted indices removed along it, for removing ``atoms``."""
-        mask = self.coupling.removed_elements(atoms) if len(atoms) else np.zeros(self.dims.n_elements, bool)
-        out = {}
-        for i, ax in enumerate(self.dims.axes):
-            if ax.offset < 0:
-                continue
-            m = mask[ax.offset : ax.offset + ax.size]
-            if m.any():
-                out[i] = np.flatnonzero(m)
+        if not len(atoms):
+            return {}
+        return self._by_axis(np.flatnonzero(self.coupling.removed_elements(atoms)))
+
+    def _by_axis(self, els: np.ndarray) -> dict[int, np.ndarray]:
+        starts, ids = self._axis_starts
+        pos = np.searchsorted(starts, els, side="right") - 1
+        if not len(pos):
+            return {}
+        cut = np.flatnonzero(np.diff(pos)) + 1
+        out: dict[int, np.ndarray] = {}
+        for chunk_e, chunk_p in zip(np.split(els, cut), np.split(pos, cut)):
+            p = chunk_p[0]
+            out[int(ids[p])] = chunk_e - starts[p]
         return out
+
+    def atom_sums(self, element_values: np.ndarray) -> np.ndarray:
+        """Per atom: the sum of ``element_values`` over every element it removes."""
+        return self.coupling.removes.T @ element_values
+
+    def weight_stat(self, key: str, reduce) -> np.ndarray:
+        """Per element: ``reduce(weight, other_axes)`` of every weight axis (0 elsewhere), cached."""
+        cache = self.__dict__.setdefault("_weight_stats", {})
+        if key not in cache:
+            vec = np.zeros(self.dims.n_elements, dtype=np.float64)
+            for ax_id, (name, k, value) in self._initializer_axes().items():
+                arr = np.asarray(value.const_value.numpy(), dtype=np.float64)
+                ax = self.dims.axes[ax_id]
+                vec[ax.offset : ax.offset + ax.size] = reduce(arr, tuple(j for j in range(arr.ndim) if j != k))
+            cache[key] = self.atom_sums(vec)
+        return cache[key]
 
     @cached_property
     def _removes_csc(self):
@@ -154,14 +197,7 @@ class Analysis:
     def footprint(self, atom: int) -> dict[int, np.ndarray]:
         """axis id -> indices removed along it by removing this one atom."""
         M = self._removes_csc
-        els = np.sort(M.indices[M.indptr[atom] : M.indptr[atom + 1]])
-        starts, ids = self._axis_starts
-        pos = np.searchsorted(starts, els, side="right") - 1
-        out: dict[int, np.ndarray] = {}
-        for p in np.unique(pos):
-            a = int(ids[p])
-            out[a] = els[pos == p] - starts[p]
-        return out
+        return self._by_axis(np.sort(M.indices[M.indptr[atom] : M.indptr[atom + 1]]))
 
     def atoms_touching(self, axis_ids) -> set[int]:
         """Atoms whose removal would cut any of these axes."""

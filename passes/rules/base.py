@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from surgery.dims import DimGraph
+from surgery.dims import NOT_CHANNEL, DimGraph
 
 RULES: dict[tuple[str, str], Callable[["RuleContext"], None]] = {}
 
@@ -131,9 +131,17 @@ class RuleContext:
         self.g.block(a, f"{self.op} '{self.node.name}': {why}", idx)
 
     def free(self, v: ir.Value, k: int | None = None) -> None:
+        """The op adapts to any size of this axis by itself (Shape reads it at run time)."""
         ks = range(self.rank(v)) if k is None else [k]
         for kk in ks:
             self.ax(v, kk)
+
+    def param(self, v: ir.Value | None) -> None:
+        """A parameter input (a shape, pads, axes, scales): its entries are not channels."""
+        if v is None or v.shape is None:
+            return
+        for kk in range(len(v.shape)):
+            self.g.block(self.ax(v, kk), f"{self.op} parameter ({NOT_CHANNEL})")
 
     def inexact(self, a: int, why: str) -> None:
         self.g.mark_inexact(a, f"{self.op} '{self.node.name}': {why}")
@@ -148,8 +156,8 @@ class RuleContext:
             sv = self.shape(v)
             for k, d in enumerate(sv):
                 j = k + r - len(sv)
-                if d == 1 and so[j] != 1:
-                    self.ax(v, k)  # broadcast: not tied, nothing to cut there
+                if d == 1 and so[j] != 1:  # broadcast: not tied, nothing to cut there
+                    self.g.block(self.ax(v, k), f"{self.op} broadcast ({NOT_CHANNEL})")
                     continue
                 self.tie(v, k, out, j)
 

@@ -88,7 +88,7 @@ def resize(ctx: RuleContext) -> None:
     x, y = ctx.input(0), ctx.output(0)
     for v in ctx.node.inputs[1:]:
         if v is not None:
-            ctx.free(v)  # roi / scales / sizes; a `sizes` input is rewritten by the cut
+            ctx.param(v)  # roi / scales / sizes; a `sizes` input is rewritten by the cut
     if ctx.size(x, 1) != ctx.size(y, 1):
         raise Unsupported("resizes the channel axis")
     ctx.tie(x, 0, y, 0)
@@ -135,10 +135,8 @@ def pad(ctx: RuleContext) -> None:
     r = ctx.rank(x)
     if ctx.opset >= 11:
         pads = ctx.const_required(ctx.input(1), "the pads")
-        ctx.free(ctx.input(1))
-        for v in ctx.node.inputs[2:]:
-            if v is not None:
-                ctx.free(v)
+        for v in ctx.node.inputs[1:]:
+            ctx.param(v)
         axes_v = ctx.input(3)
         axes = list(range(r)) if axes_v is None else [int(a) % r for a in ctx.const_required(axes_v, "the pad axes")]
     else:

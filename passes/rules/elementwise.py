@@ -28,13 +28,13 @@ def clip(ctx: RuleContext) -> None:
     ctx.tie_same(ctx.input(0), ctx.output(0))
     for v in ctx.node.inputs[1:]:
         if v is not None:
-            ctx.free(v)  # scalar min/max
+            ctx.param(v)  # scalar min/max
 
 
 @rule("CastLike")
 def cast_like(ctx: RuleContext) -> None:
     ctx.tie_same(ctx.input(0), ctx.output(0))
-    ctx.free(ctx.input(1))
+    ctx.param(ctx.input(1))
 
 
 @rule("Dropout")
@@ -45,7 +45,7 @@ def dropout(ctx: RuleContext) -> None:
             ctx.tie_same(x, out)
     for v in ctx.node.inputs[1:]:
         if v is not None:
-            ctx.free(v)  # ratio, training_mode
+            ctx.param(v)  # ratio, training_mode
 
 
 @rule(*BINARY, "Where")
@@ -57,4 +57,4 @@ def broadcast(ctx: RuleContext) -> None:
 def expand(ctx: RuleContext) -> None:
     # broadcast of the input to the target; the shape input is rewritten by the cut
     ctx.broadcast([ctx.input(0)], ctx.output(0))
-    ctx.free(ctx.input(1))
+    ctx.param(ctx.input(1))

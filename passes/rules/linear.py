@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from surgery.dims import NOT_CHANNEL
+
 from .base import RuleContext, Unsupported, rule
 
 
@@ -35,7 +37,7 @@ def _batch(ctx: RuleContext, v, nb: int, y, ny: int) -> None:
     for k in range(nb):
         j = k + ny - nb
         if sv[k] == 1 and sy[j] != 1:
-            ctx.ax(v, k)
+            ctx.g.block(ctx.ax(v, k), f"MatMul broadcast ({NOT_CHANNEL})")
         else:
             ctx.tie(v, k, y, j)
 

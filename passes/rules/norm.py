@@ -21,6 +21,10 @@ def per_channel(ctx: RuleContext) -> None:
     for p in ctx.node.inputs[1:]:
         if p is not None:
             ctx.tie(p, 0, x, 1)
+    if ctx.op == "InstanceNormalization" or ctx.attr("training_mode", 0):
+        stat_axes = range(2, ctx.rank(x)) if ctx.op == "InstanceNormalization" else [0, *range(2, ctx.rank(x))]
+        for k in stat_axes:
+            ctx.inexact(ctx.ax(x, k), "statistics over the cut axis")
 
 
 @rule("GroupNormalization")

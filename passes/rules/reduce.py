@@ -14,7 +14,7 @@ def _axes(ctx: RuleContext, rank: int):
     if ctx.op == "ReduceSum" and ctx.opset >= 13 or ctx.opset >= 18:
         v = ctx.input(1)
         if v is not None:
-            ctx.free(v)
+            ctx.param(v)
             axes = ctx.const_required(v, "the reduction axes").tolist()
     if axes is None:
         axes = ctx.attr("axes", None)

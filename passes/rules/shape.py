@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import RuleContext, Unsupported, dim_keys, rule, shape_literals
+from .base import RuleContext, Unsupported, const_array, dim_keys, rule, shape_literals
 
 
 def _same(a, b) -> bool:
@@ -76,7 +76,7 @@ def _runtime_shape_guard(ctx: RuleContext, y, shape_v) -> None:
 @rule("Reshape")
 def reshape(ctx: RuleContext) -> None:
     x, shape_v, y = ctx.input(0), ctx.input(1), ctx.output(0)
-    ctx.free(shape_v)
+    ctx.param(shape_v)
     _runtime_shape_guard(ctx, y, shape_v)
     reshape_map(ctx, x, y)
 
@@ -84,8 +84,7 @@ def reshape(ctx: RuleContext) -> None:
 @rule("Flatten", "Squeeze", "Unsqueeze")
 def flatten_like(ctx: RuleContext) -> None:
     for v in ctx.node.inputs[1:]:
-        if v is not None:
-            ctx.free(v)
+        ctx.param(v)
     reshape_map(ctx, ctx.input(0), ctx.output(0))
 
 
@@ -129,8 +128,7 @@ def split(ctx: RuleContext) -> None:
     x = ctx.input(0)
     r = ctx.rank(x)
     axis = int(ctx.attr("axis", 0)) % r
-    if ctx.input(1) is not None:
-        ctx.free(ctx.input(1))
+    ctx.param(ctx.input(1))
     off = 0
     for o, n in zip(ctx.node.outputs, _split_sizes(ctx, x, axis)):
         for k in range(r):
@@ -141,21 +139,23 @@ def split(ctx: RuleContext) -> None:
         off += n
 
 
-def slice_params(ctx: RuleContext, r: int):
-    """(axis, start, end, step) per sliced axis, normalized against the input shape."""
-    if ctx.opset >= 10:
-        starts = ctx.const_required(ctx.input(1), "slice starts")
-        ends = ctx.const_required(ctx.input(2), "slice ends")
-        axes = ctx.const(ctx.input(3)) if ctx.input(3) is not None else None
-        steps = ctx.const(ctx.input(4)) if ctx.input(4) is not None else None
-        for v in ctx.node.inputs[1:]:
-            if v is not None:
-                ctx.free(v)
-                if ctx.const(v) is None:
-                    raise Unsupported("slice parameters computed at run time")
+def slice_params(node, opset: int, r: int):
+    """(axis, start, end, step) per sliced axis, from inputs (opset >= 10) or attributes."""
+    def inp(i):
+        return node.inputs[i] if i < len(node.inputs) else None
+
+    def attr(name):
+        a = node.attributes.get(name)
+        return None if a is None else a.value
+
+    if opset >= 10:
+        vals = [None if inp(i) is None else const_array(inp(i)) for i in range(1, 5)]
+        for i, v in enumerate(vals):
+            if inp(i + 1) is not None and v is None:
+                raise Unsupported("slice parameters computed at run time")
+        starts, ends, axes, steps = vals
     else:
-        starts, ends = ctx.attr("starts"), ctx.attr("ends")
-        axes, steps = ctx.attr("axes", None), None
+        starts, ends, axes, steps = attr("starts"), attr("ends"), attr("axes"), None
     starts, ends = np.atleast_1d(starts).tolist(), np.atleast_1d(ends).tolist()
     axes = list(range(len(starts))) if axes is None else [int(a) % r for a in np.atleast_1d(axes)]
     steps = [1] * len(starts) if steps is None else np.atleast_1d(steps).tolist()
@@ -166,7 +166,9 @@ def slice_params(ctx: RuleContext, r: int):
 def slice_(ctx: RuleContext) -> None:
     x, y = ctx.input(0), ctx.output(0)
     r = ctx.rank(x)
-    sliced = {a: (s, e, st) for a, s, e, st in slice_params(ctx, r)}
+    for v in ctx.node.inputs[1:]:
+        ctx.param(v)
+    sliced = {a: (s, e, st) for a, s, e, st in slice_params(ctx.node, ctx.opset, r)}
     for k in range(r):
         if k not in sliced:
             ctx.tie(x, k, y, k)
@@ -196,7 +198,7 @@ def gather(ctx: RuleContext) -> None:
     c = ctx.const(ind)
     n = ctx.size(data, axis)
     if c is not None and n is not None and ri == 1:
-        ctx.free(ind)
+        ctx.param(ind)
         ctx.tie(data, axis, y, axis, np.asarray(c) % n, None)
         return
     for k in range(ri):
@@ -211,13 +213,13 @@ def gather(ctx: RuleContext) -> None:
 def shape_of(ctx: RuleContext) -> None:
     # reads sizes at run time, so it follows any cut by itself
     ctx.free(ctx.input(0))
-    ctx.free(ctx.output(0))
+    ctx.param(ctx.output(0))
 
 
 @rule("Tile")
 def tile(ctx: RuleContext) -> None:
     x, reps_v, y = ctx.input(0), ctx.input(1), ctx.output(0)
-    ctx.free(reps_v)
+    ctx.param(reps_v)
     reps = ctx.const_required(reps_v, "tile repeats")
     for k, rep in enumerate(np.atleast_1d(reps).tolist()):
         if rep == 1:

@@ -1,0 +1,18 @@
+"""surgery: a graph-based model surgery compiler. Prune any ONNX model, exactly."""
+
+from surgery.errors import SurgeryError
+
+__all__ = ["SurgeryError", "analyze", "apply", "criterion", "load", "prune", "save"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: `import surgery` stays cheap and torch-free
+    if name in ("analyze", "apply", "load", "prune", "save"):
+        from surgery import api
+
+        return getattr(api, name)
+    if name == "criterion":
+        from surgery.passes.criteria import criterion
+
+        return criterion
+    raise AttributeError(name)

@@ -1,0 +1,207 @@
+"""Command line: ``surgery prune | analyze | apply``.
+
+Every user error is one line on stderr and exit status 2; no output file is left
+behind on failure, and the input model is never written to.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from surgery.errors import SurgeryError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Structural pruning for ONNX models: "
+                  "remove whole channels, heads and units, and prove the cut exact.")
+err = Console(stderr=True)
+
+
+def _fail(msg: str, code: int = 2):
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for s in specs or []:
+        name, sep, dims = s.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise SurgeryError(f"--input-shape '{s}' is not NAME:DxDxD (e.g. input:1x3x224x224)") from None
+    return out
+
+
+def _output_path(model: Path, out: Optional[Path]) -> Path:
+    if out is None:
+        name = model.name[:-5] if model.name.endswith(".onnx") else model.name
+        out = model.with_name(f"{name}.pruned.onnx")
+    if model.exists() and out.resolve() == model.resolve():
+        raise SurgeryError(f"output {out} is the input model; surgery never overwrites its input")
+    if out.exists() and out.is_dir():
+        raise SurgeryError(f"output {out} is a directory")
+    return out
+
+
+def _write_json(path: Optional[Path], data: dict) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def _summary(console: Console, rep: dict, out: Path) -> None:
+    t = Table(title=f"surgery: {out}", show_header=True, header_style="bold")
+    t.add_column("")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_column("kept", justify="right")
+    for key, label in (("params", "parameters"), ("flops", "FLOPs")):
+        b, a = rep[f"{key}_before"], rep[f"{key}_after"]
+        t.add_row(label, f"{b:,}", f"{a:,}", f"{a / b:.1%}" if b else "-")
+    console.print(t)
+    v = rep["verify"]
+    mark = {True: "[green]exact[/]", False: "[red]NOT exact[/]", None: "[yellow]not exact by construction[/]"}[v["exact"]]
+    console.print(f"groups: {rep['groups_pruned']} pruned of {rep['groups_prunable']} prunable ({rep['groups_total']} total)")
+    console.print(f"verify: {mark}, max |diff| {v['max_abs_diff']:.3g} ({v['why']})", highlight=False)
+    tm = rep.get("timings", {})
+    console.print("seconds: " + ", ".join(f"{k} {s:.2f}" for k, s in tm.items()) + f", total {rep['seconds']:.2f}")
+
+
+def _finish(result, model: Path, out: Path, report: Optional[Path], plan: Optional[Path], quiet: bool) -> None:
+    from surgery.backends.onnx_writer import uses_external_data
+
+    ext = True if uses_external_data(model) else None
+    result.save(out, external_data=ext)
+    _write_json(report, result.report)
+    _write_json(plan, result.plan.as_dict())
+    if not quiet:
+        _summary(Console(), result.report, out)
+    if result.report["verify"]["exact"] is False:
+        _fail(f"the cut is not mask-equivalent ({result.report['verify']['why']}); this is a bug, please report it", 1)
+
+
+@app.command()
+def prune(
+    model: Path = typer.Argument(..., help="Input ONNX model (never modified)."),
+    ratio: float = typer.Option(0.5, "--ratio", "-r", help="Fraction of UNITS (channels, heads, MLP units) removed "
+                                "from every prunable group, in [0, 1). Not a fraction of parameters."),
+    criterion: str = typer.Option("l2", "--criterion", "-c", help="Importance criterion: l1, l2, random, or a plugin."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output model (default: MODEL.pruned.onnx)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the report as JSON."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="Write the plan (what was removed) as JSON."),
+    global_rank: bool = typer.Option(False, "--global", help="Rank units of all groups together (scores normalized "
+                                     "per group); every group keeps at least one unit."),
+    round_to: int = typer.Option(1, "--round-to", help="Keep channel counts a multiple of N."),
+    keep: List[str] = typer.Option([], "--keep", help="Protect a node or tensor by name (repeatable)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the random criterion and verification inputs."),
+    input_shape: List[str] = typer.Option([], "--input-shape", help="NAME:1x3x224x224 for verification inputs; "
+                                          "symbolic dims default to 1."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip onnxruntime verification."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary (for CI)."),
+):
+    """Prune MODEL and write a smaller dense model, verified against the original."""
+    from surgery import api
+
+    try:
+        out = _output_path(model, output)
+        with _status(quiet, "pruning"):
+            result = api.prune(str(model), ratio=ratio, criterion=criterion, global_rank=global_rank,
+                               round_to=round_to, keep=keep, seed=seed, input_shapes=_shapes(input_shape),
+                               verify_result=not no_verify)
+        _finish(result, model, out, report, plan, quiet)
+    except SurgeryError as e:
+        _fail(str(e))
+
+
+@app.command()
+def apply(
+    model: Path = typer.Argument(..., help="Input ONNX model (never modified)."),
+    plan_file: Path = typer.Argument(..., metavar="PLAN", help="A plan written by `surgery prune --plan`."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output model (default: MODEL.pruned.onnx)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the report as JSON."),
+    seed: int = typer.Option(0, "--seed"),
+    input_shape: List[str] = typer.Option([], "--input-shape"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Replay a saved (possibly hand-edited) plan on MODEL."""
+    from surgery import api
+
+    try:
+        out = _output_path(model, output)
+        with _status(quiet, "applying plan"):
+            result = api.apply(str(model), str(plan_file), seed=seed, input_shapes=_shapes(input_shape))
+        _finish(result, model, out, report, None, quiet)
+    except SurgeryError as e:
+        _fail(str(e))
+
+
+@app.command()
+def analyze(
+    model: Path = typer.Argument(..., help="Input ONNX model."),
+    as_json: bool = typer.Option(False, "--json", help="Print the groups as JSON."),
+):
+    """List the coupled channel groups: prunable or blocked, and why."""
+    from surgery import api
+
+    try:
+        analysis = api.analyze(str(model))
+    except SurgeryError as e:
+        _fail(str(e))
+    rows = [
+        {
+            "id": g.id, "name": g.name, "units": int(len(g.atoms) + len(g.blocked_atoms)), "prunable_units": int(len(g.atoms)),
+            "unit": g.unit, "status": "prunable" if g.prunable else "blocked",
+            "why": g.blocked_reason if not g.prunable else (f"{len(g.blocked_atoms)} units blocked: {g.blocked_reason}" if len(g.blocked_atoms) else ""),
+            "exact": g.exact, "inexact_why": g.inexact_reason,
+            "tensors": [f"{s.tensor}@{s.axis}" for s in g.weight_slices_names()],
+        }
+        for g in analysis.groups
+    ]
+    if as_json:
+        print(json.dumps({"groups": rows}, indent=1))
+        return
+    t = Table(title=f"{model}: {sum(r['status'] == 'prunable' for r in rows)} of {len(rows)} groups prunable",
+              header_style="bold")
+    for col in ("id", "group", "units", "unit", "status", "why / exactness"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        why = r["why"] or ("" if r["exact"] else f"inexact: {r['inexact_why']}")
+        style = "green" if r["status"] == "prunable" else "dim"
+        t.add_row(str(r["id"]), r["name"], f"{r['prunable_units']}/{r['units']}", str(r["unit"]),
+                  f"[{style}]{r['status']}[/]", why)
+    Console().print(t)
+
+
+class _status:
+    def __init__(self, quiet: bool, what: str):
+        self.cm = None if quiet else err.status(what + "...")
+
+    def __enter__(self):
+        if self.cm:
+            self.cm.__enter__()
+
+    def __exit__(self, *exc):
+        if self.cm:
+            self.cm.__exit__(*exc)
+        return False
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
