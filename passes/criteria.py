@@ -50,22 +50,22 @@ def _load_entry_points() -> None:
             CRITERIA[ep.name] = ep.load()
 
 
-def per_index(group: Group, key: str, reduce: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]) -> np.ndarray:
-    """Per unit: the sum over every weight slice it removes of ``reduce(weight, other_axes)``.
+def per_index(group: Group, key: str, elementwise: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Per unit: the sum of ``elementwise(w)`` over every weight entry it removes.
 
     Computed once for all groups of a model (one sparse product), then indexed."""
-    return group.analysis.weight_stat(key, reduce)[group.atoms]
+    return group.analysis.weight_stat(key, elementwise)[group.atoms]
 
 
 @criterion("l2")
 def l2(group: Group, ctx: CriterionContext) -> np.ndarray:
     """Group L2 norm: every weight a unit would remove, across all coupled layers."""
-    return np.sqrt(per_index(group, "sumsq", lambda a, ax: np.square(a).sum(axis=ax)))
+    return np.sqrt(per_index(group, "sumsq", np.square))
 
 
 @criterion("l1")
 def l1(group: Group, ctx: CriterionContext) -> np.ndarray:
-    return per_index(group, "abs", lambda a, ax: np.abs(a).sum(axis=ax))
+    return per_index(group, "abs", np.abs)
 
 
 @criterion("random")

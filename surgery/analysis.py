@@ -117,7 +117,7 @@ class Analysis:
             inexact = next((c.atom_inexact[a] for a in atoms if a in c.atom_inexact), None)
             first = w_axes[0]
             fname, fk, _ = init_axes[first]
-            unit = int(max(len(self.footprint(int(a)).get(first, ())) for a in atoms[:8]))
+            unit = self._unit_size(atoms[:8], first)
             groups.append(
                 Group(
                     id=-1,
@@ -158,30 +158,54 @@ class Analysis:
         return self._by_axis(np.flatnonzero(self.coupling.removed_elements(atoms)))
 
     def _by_axis(self, els: np.ndarray) -> dict[int, np.ndarray]:
+        """Sorted element ids -> {axis id: indices along that axis}."""
         starts, ids = self._axis_starts
         pos = np.searchsorted(starts, els, side="right") - 1
         if not len(pos):
             return {}
-        cut = np.flatnonzero(np.diff(pos)) + 1
-        out: dict[int, np.ndarray] = {}
-        for chunk_e, chunk_p in zip(np.split(els, cut), np.split(pos, cut)):
-            p = chunk_p[0]
-            out[int(ids[p])] = chunk_e - starts[p]
+        bounds = np.flatnonzero(np.diff(pos)) + 1
+        lo = np.concatenate([[0], bounds]).tolist()
+        hi = np.concatenate([bounds, [len(els)]]).tolist()
+        local = els - starts[pos]
+        return {int(ids[pos[a]]): local[a:b] for a, b in zip(lo, hi)}
+
+    def removed_indices_per_group(self, removed: dict[int, np.ndarray]) -> dict[int, dict[int, np.ndarray]]:
+        """Like removed_indices for each group's removed atoms, in one sparse product."""
+        gids = list(removed)
+        if not gids:
+            return {}
+        rows = np.concatenate([removed[g] for g in gids])
+        cols = np.concatenate([np.full(len(removed[g]), k) for k, g in enumerate(gids)])
+        S = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(self.coupling.removes.shape[1], len(gids)))
+        R = (self.coupling.removes @ S).tocsc()
+        out = {}
+        for k, g in enumerate(gids):
+            out[g] = self._by_axis(np.sort(R.indices[R.indptr[k] : R.indptr[k + 1]]))
         return out
 
     def atom_sums(self, element_values: np.ndarray) -> np.ndarray:
         """Per atom: the sum of ``element_values`` over every element it removes."""
         return self.coupling.removes.T @ element_values
 
-    def weight_stat(self, key: str, reduce) -> np.ndarray:
-        """Per element: ``reduce(weight, other_axes)`` of every weight axis (0 elsewhere), cached."""
+    def weight_stat(self, key: str, elementwise) -> np.ndarray:
+        """Per atom: the sum of ``elementwise(weight)`` over every weight entry it removes
+        along each cut axis (computed once per model and cached)."""
         cache = self.__dict__.setdefault("_weight_stats", {})
         if key not in cache:
             vec = np.zeros(self.dims.n_elements, dtype=np.float64)
-            for ax_id, (name, k, value) in self._initializer_axes().items():
-                arr = np.asarray(value.const_value.numpy(), dtype=np.float64)
-                ax = self.dims.axes[ax_id]
-                vec[ax.offset : ax.offset + ax.size] = reduce(arr, tuple(j for j in range(arr.ndim) if j != k))
+            per_tensor: dict[str, list[tuple[int, int]]] = {}
+            for ax_id, (name, k, _) in self._initializer_axes().items():
+                per_tensor.setdefault(name, []).append((ax_id, k))
+            inits = self.model.graph.initializers
+            for name, axes in per_tensor.items():
+                arr = inits[name].const_value.numpy()
+                if arr.dtype.kind != "f":
+                    continue
+                val = elementwise(arr.astype(np.float32, copy=False))
+                for ax_id, k in axes:
+                    ax = self.dims.axes[ax_id]
+                    other = tuple(j for j in range(arr.ndim) if j != k)
+                    vec[ax.offset : ax.offset + ax.size] = val.sum(axis=other, dtype=np.float64)
             cache[key] = self.atom_sums(vec)
         return cache[key]
 
@@ -193,6 +217,15 @@ class Analysis:
     def _axis_starts(self) -> tuple[np.ndarray, np.ndarray]:
         ids = [i for i, ax in enumerate(self.dims.axes) if ax.offset >= 0 and ax.size > 0]
         return np.array([self.dims.axes[i].offset for i in ids], dtype=np.int64), np.array(ids, dtype=np.int64)
+
+    def _unit_size(self, atoms, axis_id: int) -> int:
+        M = self._removes_csc
+        ax = self.dims.axes[axis_id]
+        best = 0
+        for a in atoms.tolist():
+            els = M.indices[M.indptr[a] : M.indptr[a + 1]]
+            best = max(best, int(((els >= ax.offset) & (els < ax.offset + ax.size)).sum()))
+        return best
 
     def footprint(self, atom: int) -> dict[int, np.ndarray]:
         """axis id -> indices removed along it by removing this one atom."""

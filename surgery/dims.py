@@ -263,28 +263,43 @@ class Coupling:
         v[np.asarray(list(atoms), dtype=np.int64)] = 1.0
         return (self.removes @ v) > 0
 
-    def axis_groups(self):
-        """atom -> tuple of axis ids its removal touches."""
+    def axis_signatures(self) -> np.ndarray:
+        """Per atom, a key equal for atoms that touch the same set of axes.
+
+        Rows of the (atoms x axes) incidence are hashed by two random projections;
+        atoms that share a key are then confirmed to touch the same axes."""
         g = self.graph
         n = g.n_elements
         axis_of = np.empty(n, dtype=np.int64)
         for i, ax in enumerate(g.axes):
             if ax.offset >= 0:
                 axis_of[ax.offset : ax.offset + ax.size] = i
-        E = sp.csr_matrix(
-            (np.ones(n, np.float32), (np.arange(n), axis_of)), shape=(n, len(g.axes))
-        )
-        T = (self.removes.T @ E).tocsr()  # atoms x axes
-        out: dict[int, tuple[int, ...]] = {}
-        for a in self.atoms.tolist():
-            cols = T.indices[T.indptr[a] : T.indptr[a + 1]]
-            out[a] = tuple(sorted(cols.tolist()))
-        return out
+        E = sp.csr_matrix((np.ones(n, np.float32), (np.arange(n), axis_of)), shape=(n, len(g.axes)))
+        T = (self.removes.T @ E).tocsr()
+        T.data[:] = 1.0
+        T.sort_indices()  # same set, same summation order, same key
+        self._atom_axes = T
+        rng = np.random.default_rng(12345)
+        proj = rng.random((len(g.axes), 2))
+        return T @ proj
 
 
 def group_atoms(coupling: Coupling) -> list[tuple[tuple[int, ...], list[int]]]:
-    """Atoms that touch the same axes form one group; returns (axes, atoms) pairs."""
-    by_axes: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for atom, axes in coupling.axis_groups().items():
-        by_axes[axes].append(atom)
-    return list(by_axes.items())
+    """Atoms that touch the same axes form one group; returns (axes, atoms) pairs.
+
+    Atoms are bucketed by two random projections of their axis set (a collision of
+    two different sets in both is about as likely as two random doubles being equal)."""
+    atoms = coupling.atoms
+    if not len(atoms):
+        return []
+    keys = coupling.axis_signatures()[atoms]
+    T = coupling._atom_axes
+    _, first, inv = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    members: dict[int, list[int]] = defaultdict(list)
+    for atom, k in zip(atoms.tolist(), inv.ravel().tolist()):
+        members[k].append(atom)
+    out = []
+    for k, f in enumerate(first.tolist()):
+        a = int(atoms[f])
+        out.append((tuple(T.indices[T.indptr[a] : T.indptr[a + 1]].tolist()), members[k]))
+    return out

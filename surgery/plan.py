@@ -57,13 +57,14 @@ def build_plan(analysis: Analysis, removed: dict[int, np.ndarray]) -> Plan:
     """removed: group id -> removed atoms."""
     init = analysis.model.graph.initializers
     out = []
+    per_group = analysis.removed_indices_per_group({k: v for k, v in removed.items() if len(v)})
     for g in analysis.groups:
         atoms = removed.get(g.id)
         if atoms is None or not len(atoms):
             continue
         pos = {a: i for i, a in enumerate(g.atoms.tolist())}
         tensors = []
-        for axis_id, idx in sorted(analysis.removed_indices(atoms).items()):
+        for axis_id, idx in sorted(per_group[g.id].items()):
             kind, name, k = analysis.dims.axes[axis_id].key
             if kind == "value" and name in init:
                 tensors.append({"tensor": name, "axis": int(k), "removed": [int(i) for i in idx]})

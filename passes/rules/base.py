@@ -55,6 +55,7 @@ class RuleContext:
         self.opset = opset
         self.node: ir.Node | None = None
         self.mentioned: set[tuple[str, int]] = set()
+        self._shapes: dict[int, tuple] = {}
 
     # -- node access ------------------------------------------------------
     def start(self, node: ir.Node) -> None:
@@ -78,7 +79,11 @@ class RuleContext:
         return default if a is None else a.value
 
     def shape(self, v: ir.Value | None) -> tuple[int | None, ...]:
-        s = value_shape(v)
+        s = self._shapes.get(id(v)) if v is not None else None
+        if s is None:
+            s = value_shape(v)
+            if v is not None:
+                self._shapes[id(v)] = s
         if s is None:
             raise Unsupported(f"the shape of {v.name if v is not None else '?'} is unknown")
         return s
