@@ -82,11 +82,14 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import (
+    RemoveUnusedNodesPass,
     LiftConstantsToInitializersPass,
     RemoveInitializersFromInputsPass,
 )
 
 from surgery.errors import SurgeryError
+from surgery.passes.fold_shapes import fold_static_shapes
+from surgery.passes.shapes import complete_shapes
 
 __all__ = [
     "META_FOLDED_FROM",
@@ -621,6 +624,16 @@ def _normalize(model: ir.Model, label: str) -> None:
         if count:
             logger.debug("folded %d constant nodes of %s", count, label)
         _infer_shapes(model, clear=False)
+        # ops onnx cannot infer but that keep their input's shape, then re-propagate
+        if complete_shapes(model):
+            _infer_shapes(model, clear=False)
+        # static shape arithmetic -> literals, then fold what that made constant
+        for _ in range(3):
+            if not fold_static_shapes(model):
+                break
+            fold_constant_weights(model)
+            RemoveUnusedNodesPass()(model)
+            _infer_shapes(model, clear=False)
     except SurgeryError:
         raise
     except Exception as exc:  # noqa: BLE001

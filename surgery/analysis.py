@@ -16,7 +16,6 @@ import scipy.sparse as sp
 
 from surgery.dims import NOT_CHANNEL, Coupling, DimGraph, group_atoms
 from surgery.passes.dependency import build_dim_graph
-from surgery.passes.shapes import complete_shapes
 
 
 @dataclasses.dataclass
@@ -82,7 +81,6 @@ class Analysis:
     def __init__(self, model: ir.Model) -> None:
         self.model = model
         _name_nodes(model)
-        complete_shapes(model)
         self.dims: DimGraph = build_dim_graph(model)
         self.coupling: Coupling = self.dims.solve()
         self.groups: list[Group] = self._groups()
