@@ -131,11 +131,17 @@ class Analysis:
                 )
             )
         groups.sort(key=lambda gr: min(a for a in gr.axes if a in init_axes))
+        count: dict[str, int] = {}
+        for gr in groups:
+            count[gr.name] = count.get(gr.name, 0) + 1
         seen: dict[str, int] = {}
         for i, gr in enumerate(groups):
             gr.id = i
+            if count[gr.name] > 1:  # e.g. a grouped conv's groups and its channels-per-group
+                atom = int(gr.atoms[0]) if len(gr.atoms) else int(gr.blocked_atoms[0])
+                gr.name += self._factor_label(atom)
             n = seen[gr.name] = seen.get(gr.name, 0) + 1
-            if n > 1:  # e.g. a grouped conv's groups and its channels-per-group
+            if n > 1:
                 gr.name = f"{gr.name}#{n}"
         return groups
 
@@ -215,6 +221,17 @@ class Analysis:
     def _axis_starts(self) -> tuple[np.ndarray, np.ndarray]:
         ids = [i for i, ax in enumerate(self.dims.axes) if ax.offset >= 0 and ax.size > 0]
         return np.array([self.dims.axes[i].offset for i in ids], dtype=np.int64), np.array(ids, dtype=np.int64)
+
+    def _factor_label(self, atom: int) -> str:
+        """' (groups of Conv_3)' when the unit is a factor a rule made up (a grouped conv's
+        groups, a reshape's heads), so names of groups sharing a first weight differ."""
+        starts, ids = self._axis_starts
+        els = self.coupling.component_elements(atom)
+        for p in np.unique(np.searchsorted(starts, els, side="right") - 1).tolist():
+            kind, node, tag = self.dims.axes[int(ids[p])].key
+            if kind == "virtual":
+                return f" ({tag} of {node})"
+        return ""
 
     def _unit_size(self, atoms, axis_id: int) -> int:
         M = self._removes_csc

@@ -257,6 +257,12 @@ class Coupling:
         return res
 
     # -- queries ----------------------------------------------------------
+    def component_elements(self, c: int) -> np.ndarray:
+        if not hasattr(self, "_order"):
+            self._order = np.argsort(self.comp, kind="stable")
+            self._starts = np.searchsorted(self.comp[self._order], np.arange(self.n_comp + 1))
+        return self._order[self._starts[c] : self._starts[c + 1]]
+
     def removed_elements(self, atoms) -> np.ndarray:
         """Boolean mask over elements removed when ``atoms`` are removed."""
         v = np.zeros(self.removes.shape[1], dtype=np.float32)
