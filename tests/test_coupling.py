@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
@@ -134,7 +135,7 @@ def test_softmax_over_channels_blocks_and_layernorm_is_inexact():
     assert "LayerNormalization" in res.report["verify"]["why"]
 
 
-@pytest.mark.parametrize("opset", [9, 11, 13, 17, 21])
+@pytest.mark.parametrize("opset", [9, 11, 13, 17, 21, onnx.defs.onnx_opset_version()])
 def test_slice_split_and_reduce_across_opsets(opset):
     if opset >= 13:
         split = helper.make_node("Split", ["a", "sp"], ["p", "q"], axis=1)
