@@ -659,6 +659,8 @@ _LIFTABLE_CONSTANT_ATTRS = frozenset(
 def _foldable(node: ir.Node, graph_outputs: set[int]) -> bool:
     if node.domain not in ("", "ai.onnx") or node.op_type in _NEVER_FOLD:
         return False
+    if _rule_keeps_names(node):
+        return False
     inputs = [v for v in node.inputs if v is not None]
     if not inputs:
         return False
@@ -669,6 +671,21 @@ def _foldable(node: ir.Node, graph_outputs: set[int]) -> bool:
         if attr.is_ref() or attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
             return False
     return not any(id(out) in graph_outputs for out in node.outputs)
+
+
+def _rule_keeps_names(node: ir.Node) -> bool:
+    """Weight arithmetic a channel rule understands (Transpose, Reshape, Mul, Cast of a
+    weight) stays in the graph: the cut then slices the weights the file stores, under
+    their own names, so a plan can be checked against the input model. Integer shape
+    arithmetic is still folded."""
+    from surgery.passes.rules import RULES
+
+    if ("", node.op_type) not in RULES:
+        return False
+    if all(o.dtype is not None for o in node.outputs):
+        return all(o.dtype.is_floating_point() for o in node.outputs)
+    data = node.inputs[0] if node.inputs else None
+    return data is not None and data.const_value is not None and data.const_value.dtype.is_floating_point()
 
 
 def _shared_and_large(value: ir.Value, node: ir.Node) -> bool:
@@ -869,7 +886,11 @@ def _infer_shapes(model: ir.Model, *, clear: bool) -> None:
     except Exception as exc:  # noqa: BLE001 - keep what we have
         logger.warning("onnx shape inference failed: %s", _one_line(exc))
         inferred = None
-    symbolic = _ort_symbolic_shapes(inferred if inferred is not None else proto)
+    symbolic = (
+        _ort_symbolic_shapes(inferred if inferred is not None else proto)
+        if inferred is None or _has_unknown_dims(inferred)
+        else None
+    )
 
     if inferred is not None:
         inferred_model = ir.serde.deserialize_model(inferred)
@@ -954,6 +975,42 @@ def _keep_for_inference(tensor: ir.TensorProtocol) -> bool:
     )
 
 
+def _has_unknown_dims(proto: onnx.ModelProto) -> bool:
+    """Whether onnx's inference left a node output without a rank or with an unnamed dim."""
+    known = {vi.name: vi for vi in [*proto.graph.value_info, *proto.graph.output]}
+    for node in proto.graph.node:
+        for name in node.output:
+            vi = known.get(name)
+            if not name:
+                continue
+            if vi is None or not vi.type.tensor_type.HasField("shape"):
+                return True
+            if any(not d.HasField("dim_value") and (not d.dim_param or d.dim_param.startswith("unk__"))
+                   for d in vi.type.tensor_type.shape.dim):
+                return True
+    return False
+
+
+def _symbolic_shape_inference_class():
+    """onnxruntime's SymbolicShapeInference, imported from its file: importing it as
+    ``onnxruntime.tools.symbolic_shape_infer`` runs ``onnxruntime/tools/__init__``, which
+    imports torch when torch is installed (seconds per process)."""
+    import importlib.util
+    import sys
+
+    name = "_surgery_ort_symbolic_shape_infer"
+    mod = sys.modules.get(name)
+    if mod is None:
+        import onnxruntime
+
+        path = os.path.join(os.path.dirname(onnxruntime.__file__), "tools", "symbolic_shape_infer.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[name] = mod
+    return mod.SymbolicShapeInference
+
+
 def _ort_symbolic_shapes(proto: onnx.ModelProto) -> dict[str, list[int | str | None]] | None:
     """Main-graph value shapes from onnxruntime's symbolic shape inference.
 
@@ -962,7 +1019,7 @@ def _ort_symbolic_shapes(proto: onnx.ModelProto) -> dict[str, list[int | str | N
     incomplete, and raises. Partial results are fine here. Any failure -> None.
     """
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        SymbolicShapeInference = _symbolic_shape_inference_class()
     except Exception:  # noqa: BLE001 - optional (needs sympy)
         return None
     try:

@@ -15,7 +15,7 @@ from surgery.analysis import Analysis
 from surgery.errors import SurgeryError
 from surgery.metrics import count_flops, count_params
 from surgery.plan import Plan, atoms_from_plan, build_plan, read_plan
-from surgery.verify import VerifyResult, concrete_shapes, random_feeds, verify
+from surgery.verify import VerifyResult, random_feeds, verify
 
 
 @dataclasses.dataclass
@@ -37,7 +37,7 @@ def load(source, *, input_shapes: dict[str, tuple[int, ...]] | None = None) -> i
     """Load an ONNX path or ModelProto into the IR, normalized for analysis."""
     from surgery.frontends.onnx_loader import load_onnx
 
-    return load_onnx(source)
+    return load_onnx(source, input_shapes=input_shapes)
 
 
 def save(model: ir.Model, path, *, external_data: bool | None = None) -> None:
@@ -93,7 +93,7 @@ def prune(
     crit = get_criterion(criterion)
     t = {}
     t0 = time.perf_counter()
-    model = source if isinstance(source, ir.Model) else load(source)
+    model = source if isinstance(source, ir.Model) else load(source, input_shapes=input_shapes)
     t["load"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     analysis = Analysis(model)
@@ -113,7 +113,7 @@ def apply(source, plan, *, seed: int = 0, input_shapes=None, verify_result: bool
     data = read_plan(plan)
     t = {}
     t0 = time.perf_counter()
-    model = source if isinstance(source, ir.Model) else load(source)
+    model = source if isinstance(source, ir.Model) else load(source, input_shapes=input_shapes)
     t["load"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     analysis = Analysis(model)
@@ -126,19 +126,23 @@ def apply(source, plan, *, seed: int = 0, input_shapes=None, verify_result: bool
 
 def _execute(analysis: Analysis, removed: dict[int, np.ndarray], t: dict, t0: float, seed: int,
              input_shapes, verify_result: bool) -> Result:
+    from surgery.frontends.onnx_loader import concrete_input_shapes
     from surgery.passes.cut import apply_cut
 
     model = analysis.model
-    shapes = concrete_shapes(model, input_shapes)
+    shapes = concrete_input_shapes(model, input_shapes)
     params_before, flops_before = count_params(model), count_flops(model)
     t1 = time.perf_counter()
     plan = build_plan(analysis, removed)
+    if verify_result:
+        # verification runs from memory: relative external-data paths must not matter
+        ir.external_data.load_to_model(model)
     original = ir.to_proto(model) if verify_result else None
     all_atoms = np.concatenate([a for a in removed.values()]) if removed else np.zeros(0, np.int64)
     apply_cut(analysis, analysis.removed_indices(all_atoms))
     t["emit"] = time.perf_counter() - t1
     inexact = sorted({g.inexact_reason for g in analysis.groups if g.id in removed and g.inexact_reason})
-    result_v = VerifyResult(float("nan"), None, "not verified")
+    result_v = VerifyResult(None, None, "not verified (--no-verify)")
     if verify_result:
         t1 = time.perf_counter()
         pruned = ir.to_proto(model)

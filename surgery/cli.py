@@ -40,14 +40,45 @@ def _shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _output_path(model: Path, out: Optional[Path]) -> Path:
+def _input_files(model: Path) -> set[Path]:
+    """The input model and every external data file it references."""
+    files = {model.resolve()}
+    try:
+        import onnx
+
+        proto = onnx.load(str(model), load_external_data=False)
+        for t in proto.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    files.add((model.parent / e.value).resolve())
+    except Exception:  # noqa: BLE001 - the loader reports bad input properly later
+        pass
+    return files
+
+
+def _output_paths(model: Path, out: Optional[Path], *extra: Optional[Path]) -> Path:
+    """Choose the output path and refuse any output that would overwrite the input (model
+    or its external data), another output, or go to a folder that does not exist."""
+    from surgery.backends.onnx_writer import external_data_location
+
     if out is None:
         name = model.name[:-5] if model.name.endswith(".onnx") else model.name
         out = model.with_name(f"{name}.pruned.onnx")
-    if model.exists() and out.resolve() == model.resolve():
-        raise SurgeryError(f"output {out} is the input model; surgery never overwrites its input")
-    if out.exists() and out.is_dir():
-        raise SurgeryError(f"output {out} is a directory")
+    inputs = _input_files(model) if model.exists() else set()
+    targets = [("output", out), ("output data", out.parent / external_data_location(out))]
+    targets += [("--report/--plan", p) for p in extra if p is not None]
+    seen: dict[Path, str] = {}
+    for what, p in targets:
+        r = p.resolve()
+        if r in inputs:
+            raise SurgeryError(f"{what} {p} would overwrite the input model or its data; surgery never writes its input")
+        if r in seen:
+            raise SurgeryError(f"{what} {p} is also the {seen[r]}")
+        seen[r] = what
+        if p.exists() and p.is_dir():
+            raise SurgeryError(f"{what} {p} is a directory")
+        if not p.parent.is_dir():
+            raise SurgeryError(f"folder of {what} {p} does not exist")
     return out
 
 
@@ -70,9 +101,12 @@ def _summary(console: Console, rep: dict, out: Path) -> None:
         t.add_row(label, f"{b:,}", f"{a:,}", f"{a / b:.1%}" if b else "-")
     console.print(t)
     v = rep["verify"]
-    mark = {True: "[green]exact[/]", False: "[red]NOT exact[/]", None: "[yellow]not exact by construction[/]"}[v["exact"]]
     console.print(f"groups: {rep['groups_pruned']} pruned of {rep['groups_prunable']} prunable ({rep['groups_total']} total)")
-    console.print(f"verify: {mark}, max |diff| {v['max_abs_diff']:.3g} ({v['why']})", highlight=False)
+    if v["max_abs_diff"] is None:
+        console.print(f"verify: [yellow]{v['why']}[/]", highlight=False)
+    else:
+        mark = {True: "[green]exact[/]", False: "[red]NOT exact[/]", None: "[yellow]not exact by construction[/]"}[v["exact"]]
+        console.print(f"verify: {mark}, max |diff| {v['max_abs_diff']:.3g} ({v['why']})", highlight=False)
     tm = rep.get("timings", {})
     console.print("seconds: " + ", ".join(f"{k} {s:.2f}" for k, s in tm.items()) + f", total {rep['seconds']:.2f}")
 
@@ -113,7 +147,7 @@ def prune(
     from surgery import api
 
     try:
-        out = _output_path(model, output)
+        out = _output_paths(model, output, report, plan)
         with _status(quiet, "pruning"):
             result = api.prune(str(model), ratio=ratio, criterion=criterion, global_rank=global_rank,
                                round_to=round_to, keep=keep, seed=seed, input_shapes=_shapes(input_shape),
@@ -137,7 +171,7 @@ def apply(
     from surgery import api
 
     try:
-        out = _output_path(model, output)
+        out = _output_paths(model, output, report)
         with _status(quiet, "applying plan"):
             result = api.apply(str(model), str(plan_file), seed=seed, input_shapes=_shapes(input_shape))
         _finish(result, model, out, report, None, quiet)

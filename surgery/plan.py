@@ -67,7 +67,11 @@ def build_plan(analysis: Analysis, removed: dict[int, np.ndarray]) -> Plan:
         for axis_id, idx in sorted(per_group[g.id].items()):
             kind, name, k = analysis.dims.axes[axis_id].key
             if kind == "value" and name in init:
-                tensors.append({"tensor": name, "axis": int(k), "removed": [int(i) for i in idx]})
+                entry = {"tensor": name, "axis": int(k), "removed": [int(i) for i in idx]}
+                folded = init[name].meta.get("surgery.folded_from")
+                if folded:  # computed in the input file by a constant subgraph from these weights
+                    entry["folded_from"] = list(folded)
+                tensors.append(entry)
         out.append(PlanGroup(g.id, g.name, g.unit, len(g.atoms), sorted(pos[a] for a in atoms.tolist()),
                              True if g.exact else None, tensors))
     return Plan(out)
@@ -97,6 +101,7 @@ def atoms_from_plan(analysis: Analysis, data: dict) -> dict[int, np.ndarray]:
     init = analysis.model.graph.initializers
     listed: dict[int, set[int]] = {}
     chosen: dict[int, np.ndarray] = {}
+    _validate(data)
     for entry in data["groups"]:
         name = entry.get("name")
         g = by_name.get(name)
@@ -117,6 +122,8 @@ def atoms_from_plan(analysis: Analysis, data: dict) -> dict[int, np.ndarray]:
             on = {a: set(v.tolist()) for a, v in fp.items() if a in mine}
             if on and all(on[a] <= mine[a] for a in on):
                 pick.append(atom)
+        if len(pick) == len(g.atoms) and not len(g.blocked_atoms):
+            raise SurgeryError(f"plan removes every unit of group '{name}'; a group must keep at least one")
         chosen[g.id] = np.array(pick, dtype=np.int64)
         for a, s in mine.items():
             listed.setdefault(a, set()).update(s)
@@ -137,3 +144,26 @@ def atoms_from_plan(analysis: Analysis, data: dict) -> dict[int, np.ndarray]:
                 + (f"coupled indices not listed {extra}" if extra else f"indices that no whole unit removes {missing}")
             )
     return chosen
+
+
+def _validate(data: dict) -> None:
+    """Shape of a (possibly hand-edited) plan, checked before anything is looked up."""
+    for gi, entry in enumerate(data["groups"]):
+        where = f"plan group #{gi}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise SurgeryError(f"{where} has no 'name'")
+        tensors = entry.get("tensors")
+        if not isinstance(tensors, list):
+            raise SurgeryError(f"{where} ('{entry['name']}') has no 'tensors' list")
+        for t in tensors:
+            ok = (
+                isinstance(t, dict) and isinstance(t.get("tensor"), str)
+                and isinstance(t.get("axis"), int) and not isinstance(t.get("axis"), bool)
+                and isinstance(t.get("removed"), list)
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in t["removed"])
+            )
+            if not ok:
+                raise SurgeryError(
+                    f"{where} ('{entry['name']}'): each tensor entry needs 'tensor' (str), 'axis' (int) "
+                    f"and 'removed' (list of non-negative ints), got {json.dumps(t)[:80]}"
+                )

