@@ -91,18 +91,11 @@ def prune(
     if round_to < 1:
         raise SurgeryError(f"--round-to must be >= 1, got {round_to}")
     crit = get_criterion(criterion)
-    t = {}
-    t0 = time.perf_counter()
-    model = source if isinstance(source, ir.Model) else load(source, input_shapes=input_shapes)
-    t["load"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    analysis = Analysis(model)
-    t["analysis"] = time.perf_counter() - t1
+    analysis, t, t0 = _load_and_analyze(source, input_shapes)
     t1 = time.perf_counter()
     protected = _protected(analysis, keep)
     ctx = CriterionContext(rng=np.random.default_rng(seed))
-    scores = {g.id: crit(analysis, g, ctx) if getattr(crit, "wants_analysis", False) else crit(g, ctx)
-              for g in analysis.groups if g.prunable}
+    scores = {g.id: crit(g, ctx) for g in analysis.groups if g.prunable}
     removed = select(analysis.groups, scores, ratio, global_rank=global_rank, round_to=round_to, protected=protected)
     t["plan"] = time.perf_counter() - t1
     return _execute(analysis, removed, t, t0, seed, input_shapes, verify_result)
@@ -111,17 +104,22 @@ def prune(
 def apply(source, plan, *, seed: int = 0, input_shapes=None, verify_result: bool = True) -> Result:
     """Replay a saved (possibly hand-edited) plan on a model."""
     data = read_plan(plan)
-    t = {}
+    analysis, t, t0 = _load_and_analyze(source, input_shapes)
+    t1 = time.perf_counter()
+    removed = atoms_from_plan(analysis, data)
+    t["plan"] = time.perf_counter() - t1
+    return _execute(analysis, removed, t, t0, seed, input_shapes, verify_result)
+
+
+def _load_and_analyze(source, input_shapes) -> tuple[Analysis, dict, float]:
+    t: dict[str, float] = {}
     t0 = time.perf_counter()
     model = source if isinstance(source, ir.Model) else load(source, input_shapes=input_shapes)
     t["load"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     analysis = Analysis(model)
     t["analysis"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    removed = atoms_from_plan(analysis, data)
-    t["plan"] = time.perf_counter() - t1
-    return _execute(analysis, removed, t, t0, seed, input_shapes, verify_result)
+    return analysis, t, t0
 
 
 def _execute(analysis: Analysis, removed: dict[int, np.ndarray], t: dict, t0: float, seed: int,

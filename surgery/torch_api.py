@@ -180,7 +180,7 @@ def _dry_run(module: nn.Module, mcuts: dict) -> None:
         tops.setdefault(top, {})[name[len(prefix):]] = c
     for top, rel in tops.items():
         mod = module.get_submodule(top) if top else module
-        apply_module_cuts(copy.deepcopy(mod), rel)
+        apply_module_cuts(copy.deepcopy(mod), rel, prefix=top)
 
 
 def _protect_names(analysis, blocked: dict[int, str]) -> tuple[list[str], list[str]]:

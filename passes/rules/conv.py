@@ -96,37 +96,30 @@ def resize(ctx: RuleContext) -> None:
     _spatial_block(ctx, x, y)
 
 
-@rule("DepthToSpace")
-def depth_to_space(ctx: RuleContext) -> None:
-    x, y = ctx.input(0), ctx.output(0)
+def _pixel_shuffle(ctx: RuleContext, deep, shallow, crd: bool) -> None:
+    """DepthToSpace / SpaceToDepth: the deep side's channels are blocks x channels of the
+    shallow side; the block factors move into spatial axes, so only channels are cut."""
     b = int(ctx.attr("blocksize"))
-    cout = ctx.size(y, 1)
-    if cout is None:
+    c = ctx.size(shallow, 1)
+    if c is None:
         raise Unsupported("channel count unknown")
-    B1, B2, C = ctx.virtual("b1", b), ctx.virtual("b2", b), ctx.virtual("c", cout)
-    order = [C, B1, B2] if ctx.attr("mode", "DCR") == "CRD" else [B1, B2, C]
-    ctx.product(ctx.ax(x, 1), order)
-    ctx.tie(C, None, y, 1)
-    ctx.tie(x, 0, y, 0)
-    _spatial_block(ctx, x, y)
+    B1, B2, C = ctx.virtual("b1", b), ctx.virtual("b2", b), ctx.virtual("c", c)
+    ctx.product(ctx.ax(deep, 1), [C, B1, B2] if crd else [B1, B2, C])
+    ctx.tie(C, None, shallow, 1)
+    ctx.tie(deep, 0, shallow, 0)
+    _spatial_block(ctx, deep, shallow)
     for blk in (B1, B2):
         ctx.block(blk, None, "moved into a spatial axis")
 
 
+@rule("DepthToSpace")
+def depth_to_space(ctx: RuleContext) -> None:
+    _pixel_shuffle(ctx, ctx.input(0), ctx.output(0), ctx.attr("mode", "DCR") == "CRD")
+
+
 @rule("SpaceToDepth")
 def space_to_depth(ctx: RuleContext) -> None:
-    x, y = ctx.input(0), ctx.output(0)
-    b = int(ctx.attr("blocksize"))
-    cin = ctx.size(x, 1)
-    if cin is None:
-        raise Unsupported("channel count unknown")
-    B1, B2, C = ctx.virtual("b1", b), ctx.virtual("b2", b), ctx.virtual("c", cin)
-    ctx.product(ctx.ax(y, 1), [B1, B2, C])
-    ctx.tie(C, None, x, 1)
-    ctx.tie(x, 0, y, 0)
-    _spatial_block(ctx, x, y)
-    for blk in (B1, B2):
-        ctx.block(blk, None, "moved out of a spatial axis")
+    _pixel_shuffle(ctx, ctx.output(0), ctx.input(0), False)
 
 
 @rule("Pad")

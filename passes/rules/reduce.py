@@ -25,40 +25,30 @@ def _axes(ctx: RuleContext, rank: int):
     return sorted(int(a) % rank for a in np.atleast_1d(axes))
 
 
-@rule(*REDUCE)
-def reduce(ctx: RuleContext) -> None:
+def _reduced(ctx: RuleContext, axes: list[int], why: str) -> None:
+    """Kept axes pass through; reduced ones are blocked (and size 1 when kept)."""
     x, y = ctx.input(0), ctx.output(0)
-    r = ctx.rank(x)
-    axes = _axes(ctx, r)
     keep = ctx.attr("keepdims", 1)
     j = 0
-    for k in range(r):
+    for k in range(ctx.rank(x)):
         if k in axes:
-            ctx.block(x, k, "reduced over this axis")
+            ctx.block(x, k, why)
             if keep:
                 ctx.ax(y, j)
                 j += 1
             continue
         ctx.tie(x, k, y, j)
         j += 1
+
+
+@rule(*REDUCE)
+def reduce(ctx: RuleContext) -> None:
+    _reduced(ctx, _axes(ctx, ctx.rank(ctx.input(0))), "reduced over this axis")
 
 
 @rule("ArgMax", "ArgMin")
 def argreduce(ctx: RuleContext) -> None:
-    x, y = ctx.input(0), ctx.output(0)
-    r = ctx.rank(x)
-    axis = ctx.attr("axis", 0) % r
-    keep = ctx.attr("keepdims", 1)
-    j = 0
-    for k in range(r):
-        if k == axis:
-            ctx.block(x, k, "arg-reduced over this axis")
-            if keep:
-                ctx.ax(y, j)
-                j += 1
-            continue
-        ctx.tie(x, k, y, j)
-        j += 1
+    _reduced(ctx, [ctx.attr("axis", 0) % ctx.rank(ctx.input(0))], "arg-reduced over this axis")
 
 
 @rule("Softmax", "LogSoftmax", "Hardmax")
