@@ -148,14 +148,15 @@ def _group_norm(ctx: CutContext, node: ir.Node) -> None:
         node.attributes["num_groups"] = ir.AttrInt64("num_groups", g)
 
 
-def _new_target(ctx: CutContext, node: ir.Node, out: ir.Value, old: list[int], right_aligned: bool) -> list[int] | None:
+def _new_target(ctx: CutContext, out: ir.Value, old: list[int | None], right_aligned: bool) -> list[int | None] | None:
+    """A shape tensor's entries after the cut (None: computed at run time, left alone)."""
     r = len(out.shape)
     new = list(old)
     changed = False
     for pos, entry in enumerate(old):
         k = pos + (r - len(old) if right_aligned else 0)
         rem = ctx.value_removed(out, k)
-        if rem is None or not len(rem):
+        if entry is None or rem is None or not len(rem):
             continue
         if entry in (-1, 0) or (right_aligned and entry == 1):
             continue  # inferred, copied or broadcast: follows the cut by itself
@@ -169,7 +170,7 @@ def _rewrite_shape_input(ctx: CutContext, node: ir.Node, i: int, right_aligned: 
     out = node.outputs[0]
     c = const_array(shape_v)
     if c is not None:
-        new = _new_target(ctx, node, out, [int(x) for x in c.tolist()], right_aligned)
+        new = _new_target(ctx, out, [int(x) for x in c.tolist()], right_aligned)
         if new is not None:
             ctx.set_const_input(node, i, np.asarray(new, dtype=np.int64))
         return
@@ -177,17 +178,30 @@ def _rewrite_shape_input(ctx: CutContext, node: ir.Node, i: int, right_aligned: 
     if prod is None or prod.op_type != "Concat":
         return
     # literal pieces of a Concat-built shape (the analysis blocked the run-time ones)
-    pos = 0
+    full: list[int | None] = []
+    pieces: list[tuple[int, int, np.ndarray | None]] = []  # (input index, start, literal)
     for j, piece in enumerate(prod.inputs):
         pc = const_array(piece)
         n = value_shape(piece)[0]
-        if pc is not None:
-            entries = [int(x) for x in np.atleast_1d(pc).tolist()]
-            full = [-1] * pos + entries
-            new = _new_target(ctx, node, out, full, right_aligned)
-            if new is not None and new[pos:] != entries:
-                ctx.set_const_input(prod, j, np.asarray(new[pos:], dtype=pc.dtype).reshape(pc.shape))
-        pos += n
+        pieces.append((j, len(full), pc))
+        full.extend([int(x) for x in np.atleast_1d(pc).tolist()] if pc is not None else [None] * n)
+    new = _new_target(ctx, out, full, right_aligned)
+    if new is None:
+        return
+    edits = [(j, np.asarray(new[st : st + pc.size], dtype=pc.dtype).reshape(pc.shape))
+             for j, st, pc in pieces if pc is not None and new[st : st + pc.size] != full[st : st + pc.size]]
+    if not edits:
+        return
+    # the Concat may feed other reshapes (Q, K and V share one): edit a private copy
+    mine = ir.Node(prod.domain, "Concat", inputs=list(prod.inputs), attributes=list(prod.attributes.values()),
+                   name=f"{prod.name}_for_{node.name}", num_outputs=1)
+    mine.outputs[0].name = f"{shape_v.name}_for_{node.name}"
+    mine.outputs[0].shape = shape_v.shape
+    mine.outputs[0].type = shape_v.type
+    ctx.a.model.graph.insert_before(node, mine)
+    node.replace_input_with(i, mine.outputs[0])
+    for j, arr in edits:
+        ctx.set_const_input(mine, j, arr)
 
 
 @rewrite("Reshape")

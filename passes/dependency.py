@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from surgery.dims import DimGraph
+from surgery.passes.shapes import concrete_shapes
 
 from .rules import RULES, RuleContext, Unsupported
 
@@ -13,12 +14,12 @@ def default_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
-def _known(v: ir.Value | None) -> bool:
-    return v is not None and v.shape is not None
+def _known(v: ir.Value | None, filled: dict | None = None) -> bool:
+    return v is not None and (v.shape is not None or (filled is not None and v.name in filled))
 
 
 def _block_value(ctx: RuleContext, v: ir.Value, why: str) -> None:
-    for k in range(len(v.shape)):
+    for k in range(len(ctx.shape(v))):
         ctx.g.block(ctx.ax(v, k), why)
 
 
@@ -45,7 +46,7 @@ def _outer_values(node: ir.Node) -> list[ir.Value]:
 
 def build_dim_graph(model: ir.Model) -> DimGraph:
     g = DimGraph()
-    ctx = RuleContext(g, default_opset(model))
+    ctx = RuleContext(g, default_opset(model), concrete_shapes(model))
     graph = model.graph
     for v in graph.inputs:
         if _known(v):
@@ -66,13 +67,13 @@ def build_dim_graph(model: ir.Model) -> DimGraph:
         except Unsupported as e:
             why = f"{node.op_type} '{node.name}': {e}"
             for v in [*node.inputs, *node.outputs, *_outer_values(node)]:
-                if _known(v):
+                if _known(v, ctx.filled):
                     _block_value(ctx, v, why)
             continue
         for v in [*node.inputs, *node.outputs]:
-            if not _known(v):
+            if not _known(v, ctx.filled):
                 continue
-            for k in range(len(v.shape)):
+            for k in range(len(ctx.shape(v))):
                 if (v.name, k) not in ctx.mentioned:
                     g.block(ctx.ax(v, k), f"{node.op_type} '{node.name}': its rule does not map axis {k} of '{v.name}'")
     return g

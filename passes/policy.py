@@ -22,17 +22,20 @@ def _round_keep(keep: int, n: int, unit: int, round_to: int) -> int:
 def select(
     groups: list[Group],
     scores: dict[int, np.ndarray],
-    ratio: float,
+    ratio: float | dict[int, float],
     *,
     global_rank: bool = False,
     round_to: int = 1,
     protected: set[int] = frozenset(),
 ) -> dict[int, np.ndarray]:
     """Group id -> removed atoms. ``ratio`` is the fraction of units removed per group
-    (or of all units, ranked together, with ``global_rank``); every group keeps >= 1."""
+    (a float, or one per group id; or of all units, ranked together, with
+    ``global_rank``); every group keeps >= 1."""
+    per = ratio if isinstance(ratio, dict) else {g.id: ratio for g in groups}
+    ratio = max(per.values(), default=0.0)
     cand: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for g in groups:
-        if not g.prunable:
+        if not g.prunable or per.get(g.id, 0.0) <= 0:
             continue
         mask = np.array([a not in protected for a in g.atoms], dtype=bool)
         if mask.sum() == 0:
@@ -42,7 +45,7 @@ def select(
     n_remove: dict[int, int] = {}
     if not global_rank:
         for gid, (atoms, _) in cand.items():
-            n_remove[gid] = _cap(by_id[gid], len(atoms), math.floor(ratio * len(atoms) + 1e-9))
+            n_remove[gid] = _cap(by_id[gid], len(atoms), math.floor(per[gid] * len(atoms) + 1e-9))
     else:
         pool = []
         for gid, (atoms, sc) in cand.items():

@@ -43,6 +43,7 @@ class Group:
     axes: tuple[int, ...]
     unit: int  # channels one unit removes from the group's first weight axis
     weight_axes: list[int]
+    kind: str = "channel"  # heads | kv_heads | q_per_kv | head_dim | hidden | mlp | channel
     analysis: "Analysis" = dataclasses.field(repr=False, default=None)
 
     @cached_property
@@ -113,7 +114,8 @@ class Analysis:
             if len(atoms) == 1 and not len(blocked):
                 continue  # a single unit (a depthwise conv's one channel per group) can never go
             inexact = next((c.atom_inexact[a] for a in atoms if a in c.atom_inexact), None)
-            first = w_axes[0]
+            # name a group after its biggest weight (a projection, not a RoPE table)
+            first = max(w_axes, key=lambda a: (init_axes[a][2].const_value.size, -a))
             fname, fk, _ = init_axes[first]
             unit = self._unit_size(atoms[:8], first)
             groups.append(
@@ -127,6 +129,7 @@ class Analysis:
                     axes=tuple(axes),
                     unit=unit,
                     weight_axes=w_axes,
+                    kind=_kind(set().union(*(g.roles.get(a, ()) for a in axes))),
                     analysis=self,
                 )
             )
@@ -258,6 +261,24 @@ class Analysis:
             return set()
         sub = self.coupling.removes[np.concatenate(rows)]
         return set(np.unique(sub.indices).tolist())
+
+
+KINDS = ("heads", "kv_heads", "q_per_kv", "head_dim", "hidden", "mlp", "channel")
+
+
+def _kind(roles: set[str]) -> str:
+    """What a group's units are, from the roles its axes play (see the rules)."""
+    if "head" in roles:
+        if "repeat" in roles:
+            return "q_per_kv"  # one query head in every key/value group
+        return "kv_heads" if "pre_repeat" in roles else "heads"
+    if "head_dim" in roles:
+        return "head_dim"
+    if "hidden" in roles:
+        return "hidden"
+    if "channel" in roles:
+        return "channel"
+    return "mlp"
 
 
 def _name_nodes(model: ir.Model) -> None:

@@ -80,14 +80,29 @@ def prune(
     seed: int = 0,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     verify_result: bool = True,
+    head_ratio: float | None = None,
+    mlp_ratio: float | None = None,
+    hidden_ratio: float | None = None,
+    head_dim_ratio: float = 0.0,
+    gqa: str = "kv",
 ) -> Result:
     """Remove ``ratio`` of the units of every prunable group (channels, heads, ...), lowest
-    ``criterion`` score first. ``ratio`` counts units, not parameters."""
+    ``criterion`` score first. ``ratio`` counts units, not parameters.
+
+    Per kind of group: ``head_ratio`` (attention heads; default ``ratio``), ``mlp_ratio``
+    (units between two linear layers; default ``ratio``), ``hidden_ratio`` (the residual
+    stream, inexact; default ``ratio``), ``head_dim_ratio`` (channels inside every head;
+    default 0). ``gqa="kv"`` removes whole key/value heads with the query heads that
+    share them; ``gqa="query"`` removes query heads evenly from every key/value group."""
     from surgery.passes.criteria import CriterionContext, get_criterion
     from surgery.passes.policy import select
 
-    if not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
-        raise SurgeryError(f"--ratio must be in [0, 1), got {ratio}")
+    for flag, r in (("ratio", ratio), ("head-ratio", head_ratio), ("mlp-ratio", mlp_ratio),
+                    ("hidden-ratio", hidden_ratio), ("head-dim-ratio", head_dim_ratio)):
+        if r is not None and not (isinstance(r, (int, float)) and 0 <= r < 1):
+            raise SurgeryError(f"--{flag} must be in [0, 1), got {r}")
+    if gqa not in ("kv", "query"):
+        raise SurgeryError(f"--gqa must be 'kv' or 'query', got {gqa!r}")
     if round_to < 1:
         raise SurgeryError(f"--round-to must be >= 1, got {round_to}")
     crit = get_criterion(criterion)
@@ -96,7 +111,14 @@ def prune(
     protected = _protected(analysis, keep)
     ctx = CriterionContext(rng=np.random.default_rng(seed))
     scores = {g.id: crit(g, ctx) for g in analysis.groups if g.prunable}
-    removed = select(analysis.groups, scores, ratio, global_rank=global_rank, round_to=round_to, protected=protected)
+    head = ratio if head_ratio is None else head_ratio
+    by_kind = {
+        "heads": head, "kv_heads": head if gqa == "kv" else 0.0, "q_per_kv": head if gqa == "query" else 0.0,
+        "head_dim": head_dim_ratio, "mlp": ratio if mlp_ratio is None else mlp_ratio,
+        "hidden": ratio if hidden_ratio is None else hidden_ratio, "channel": ratio,
+    }
+    ratios = {g.id: by_kind[g.kind] for g in analysis.groups}
+    removed = select(analysis.groups, scores, ratios, global_rank=global_rank, round_to=round_to, protected=protected)
     t["plan"] = time.perf_counter() - t1
     return _execute(analysis, removed, t, t0, seed, input_shapes, verify_result)
 
@@ -164,5 +186,7 @@ def _execute(analysis: Analysis, removed: dict[int, np.ndarray], t: dict, t0: fl
         "verify": result_v.as_dict(),
         "timings": t,
         "inexact_groups": [g.name for g in groups if g.id in removed and g.inexact_reason],
+        "pruned_by_kind": {k: sum(len(removed[g.id]) for g in groups if g.id in removed and g.kind == k)
+                           for k in sorted({g.kind for g in groups})},
     }
     return Result(model, plan, report, analysis)

@@ -48,6 +48,9 @@ class DimGraph:
         # element id arrays with a reason each
         self.blocked: list[tuple[np.ndarray, str]] = []
         self.inexact: list[tuple[np.ndarray, str]] = []
+        # axis id -> roles rules saw it play ("head", "head_dim", "repeat", "pre_repeat",
+        # "hidden", "channel"), which name a group's kind (heads, MLP units, ...)
+        self.roles: dict[int, set[str]] = defaultdict(set)
 
     # -- axis nodes -------------------------------------------------------
     def axis(self, key: tuple, size: int) -> int:
@@ -84,8 +87,10 @@ class DimGraph:
                     self.block(self._by_key[x.key], why or "tied to an axis of unknown size")
             return
         ea, eb = self.elements(a, ia), self.elements(b, ib)
-        if len(ea) != len(eb):
-            raise ValueError(f"tie between {A.key} and {B.key}: {len(ea)} != {len(eb)} elements")
+        if len(ea) != len(eb):  # sizes disagree (a dynamic dim guessed for analysis): cut neither
+            self.block(a, why or "tied axes of different sizes")
+            self.block(b, why or "tied axes of different sizes")
+            return
         self._tie_a.append(ea)
         self._tie_b.append(eb)
 
@@ -103,6 +108,9 @@ class DimGraph:
         e = self.elements(a, idx)
         if len(e):
             self.blocked.append((e, why))
+
+    def role(self, a: int, role: str) -> None:
+        self.roles[a].add(role)
 
     def mark_inexact(self, a: int, why: str, idx=None) -> None:
         e = self.elements(a, idx)

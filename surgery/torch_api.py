@@ -41,8 +41,8 @@ from surgery.backends.torch_module import (
     NotRepresentable,
     apply_module_cuts,
     check_module,
+    is_attention,
     rule_for,
-    _HEADS,
 )
 from surgery.frontends.torch_export import TorchMap, export_module, onnx_feeds
 
@@ -92,15 +92,15 @@ def prune_module(
     proto = export_module(module, example_inputs, dynamic_shapes=dynamic_shapes)
     timings["export"] = time.perf_counter() - t0
     t1 = time.perf_counter()
+    if prune_kwargs.get("input_shapes") is None:  # verify on the example's shapes (dynamic axes too)
+        prune_kwargs["input_shapes"] = {k: tuple(v.shape) for k, v in onnx_feeds(proto, example_inputs).items()}
     tmap = TorchMap(proto, module)
-    model = api.load(proto)
+    model = api.load(proto, input_shapes=prune_kwargs["input_shapes"])  # as surgery.prune will load it
     analysis = Analysis(model)
-    blocked = _unrepresentable_groups(analysis, tmap, module, model)
+    blocked, constants = _unrepresentable_groups(analysis, tmap, module, model)
     keep = list(prune_kwargs.pop("keep", ()) or ())
     protect, over = _protect_names(analysis, blocked)
     timings["map"] = time.perf_counter() - t1
-    if "input_shapes" not in prune_kwargs or prune_kwargs["input_shapes"] is None:
-        prune_kwargs["input_shapes"] = {k: tuple(v.shape) for k, v in onnx_feeds(proto, example_inputs).items()}
     t1 = time.perf_counter()
     res = api.prune(proto, keep=keep + protect, **prune_kwargs)
     timings["prune_onnx"] = time.perf_counter() - t1
@@ -133,7 +133,8 @@ def prune_module(
         "tolerance": check["tolerance"],
         "protected_groups": [{"group": by_id[g].name, "why": why} for g, why in sorted(blocked.items())],
         "over_protected": over,
-        "unmapped_cuts": unmapped,
+        "unmapped_cuts": unmapped,  # forward-built constants the plan cut (the module must follow by itself)
+        "constants_in_groups": constants,  # every such constant a prunable group would cut
         "changed_attributes": {k: {a: list(v) for a, v in d.items()} for k, d in applied.changed.items()},
         "notes": applied.notes,
         "seconds": time.perf_counter() - t0,
@@ -142,11 +143,13 @@ def prune_module(
     return TorchResult(target, pruned_proto, report, res.plan, module_cuts, res)
 
 
-def _unrepresentable_groups(analysis, tmap: TorchMap, module: nn.Module, model) -> dict[int, str]:
-    """Group id -> why the module cannot take it, for each prunable group (tried with
-    one of its units on copies of the modules it touches)."""
+def _unrepresentable_groups(analysis, tmap: TorchMap, module: nn.Module, model) -> tuple[dict[int, str], list[dict]]:
+    """(group id -> why the module cannot take it, forward-built constants a group cuts),
+    for each prunable group (tried with one of its units on copies of the modules it
+    touches)."""
     inits = model.graph.initializers
     out: dict[int, str] = {}
+    constants: list[dict] = []
     for g in analysis.groups:
         if not g.prunable or not len(g.atoms):
             continue
@@ -156,11 +159,13 @@ def _unrepresentable_groups(analysis, tmap: TorchMap, module: nn.Module, model) 
             if kind == "value" and name in inits:
                 tcuts.setdefault(name, []).append((int(k), idx))
         try:
-            mcuts, _ = tmap.to_module_cuts(tcuts, model)
+            mcuts, unmapped = tmap.to_module_cuts(tcuts, model)
             _dry_run(module, mcuts)
         except NotRepresentable as e:
             out[g.id] = str(e)
-    return out
+            continue
+        constants.extend({"group": g.name, "tensor": u["tensor"], "module": u["module"]} for u in unmapped)
+    return out, constants
 
 
 def _dry_run(module: nn.Module, mcuts: dict) -> None:
@@ -172,7 +177,7 @@ def _dry_run(module: nn.Module, mcuts: dict) -> None:
         for k in range(len(parts), -1, -1):
             path = ".".join(parts[:k])
             mod = module.get_submodule(path) if path else module
-            if rule_for(type(mod)) is not None or any(isinstance(getattr(mod, h, None), int) for h in _HEADS):
+            if rule_for(type(mod)) is not None or is_attention(mod):
                 top = path
         if top is None:
             continue
@@ -180,7 +185,20 @@ def _dry_run(module: nn.Module, mcuts: dict) -> None:
         tops.setdefault(top, {})[name[len(prefix):]] = c
     for top, rel in tops.items():
         mod = module.get_submodule(top) if top else module
-        apply_module_cuts(copy.deepcopy(mod), rel, prefix=top)
+        apply_module_cuts(copy.deepcopy(mod), rel, name_prefix=top)
+
+
+def _keep_takes_group_names(analysis) -> bool:
+    """Whether surgery.prune's keep= accepts a group name (protecting just that group)."""
+    from surgery import api
+
+    g = next((g for g in analysis.groups if g.prunable), None)
+    if g is None or g.name in analysis.value_axes:
+        return False
+    try:
+        return api._protected(analysis, [g.name]) == set(g.atoms.tolist())
+    except SurgeryError:
+        return False
 
 
 def _protect_names(analysis, blocked: dict[int, str]) -> tuple[list[str], list[str]]:
@@ -188,6 +206,8 @@ def _protect_names(analysis, blocked: dict[int, str]) -> tuple[list[str], list[s
     (else the group's first weight, which may protect more; listed second)."""
     if not blocked:
         return [], []
+    if _keep_takes_group_names(analysis):
+        return [g.name for g in analysis.groups if g.id in blocked], []
     bad_atoms = set()
     for g in analysis.groups:
         if g.id in blocked:

@@ -50,9 +50,10 @@ def const_array(v: ir.Value | None) -> np.ndarray | None:
 
 
 class RuleContext:
-    def __init__(self, graph: DimGraph, opset: int) -> None:
+    def __init__(self, graph: DimGraph, opset: int, shapes: dict[str, tuple] | None = None) -> None:
         self.g = graph
         self.opset = opset
+        self.filled = shapes or {}  # value name -> shape with anonymous dims made concrete
         self.node: ir.Node | None = None
         self.mentioned: set[tuple[str, int]] = set()
         self._shapes: dict[int, tuple] = {}
@@ -81,7 +82,9 @@ class RuleContext:
     def shape(self, v: ir.Value | None) -> tuple[int | None, ...]:
         s = self._shapes.get(id(v)) if v is not None else None
         if s is None:
-            s = value_shape(v)
+            s = self.filled.get(v.name) if v is not None else None
+            if s is None:
+                s = value_shape(v)
             if v is not None:
                 self._shapes[id(v)] = s
         if s is None:
@@ -148,6 +151,9 @@ class RuleContext:
         for kk in range(len(v.shape)):
             self.g.block(self.ax(v, kk), f"{self.op} parameter ({NOT_CHANNEL})")
 
+    def role(self, v, k, role: str) -> None:
+        self.g.role(self.ax(v, k) if not isinstance(v, int) else v, role)
+
     def inexact(self, a: int, why: str) -> None:
         self.g.mark_inexact(a, f"{self.op} '{self.node.name}': {why}")
 
@@ -155,6 +161,9 @@ class RuleContext:
         """numpy broadcasting: equal-size axes tie, size-1 axes that broadcast do not."""
         so = self.shape(out)
         r = len(so)
+        for j in range(r):
+            self.ax(out, j)  # axes every input broadcasts into are copies: cut freely (Expand)
+        single = len([v for v in inputs if v is not None]) == 1
         for v in inputs:
             if v is None:
                 continue
@@ -163,18 +172,25 @@ class RuleContext:
                 j = k + r - len(sv)
                 if d == 1 and so[j] != 1:  # broadcast: not tied, nothing to cut there
                     self.g.block(self.ax(v, k), f"{self.op} broadcast ({NOT_CHANNEL})")
+                    if single:  # Expand: the copies of a repeat (GQA's repeat_kv)
+                        self.role(out, j, "repeat")
                     continue
                 self.tie(v, k, out, j)
+                if single:
+                    self.role(v, k, "pre_repeat")
 
 
-def dim_keys(v: ir.Value) -> list:
+def dim_keys(v: ir.Value, filled: tuple | None = None) -> list:
     """Per axis: the int size, the symbol name, or None when unknown."""
     out = []
-    for d in v.shape:
+    for k, d in enumerate(v.shape):
         if isinstance(d, int):
             out.append(d)
+        elif filled is not None and filled[k] is not None:
+            out.append(filled[k])
         else:
-            out.append(("sym", d.value) if getattr(d, "value", None) else None)
+            name = getattr(d, "value", None)
+            out.append(("sym", name) if name and not name.startswith("unk__") else None)
     return out
 
 

@@ -44,6 +44,7 @@ def conv(ctx: RuleContext) -> None:
     ctx.tie(w, 0, y, 1)
     if b is not None:
         ctx.tie(b, 0, y, 1)
+    ctx.role(y, 1, "channel")
     _spatial_block(ctx, x, w, y)
 
 

@@ -29,6 +29,13 @@ def matmul(ctx: RuleContext) -> None:
     ctx.tie(b, -1, y, -1)
     _batch(ctx, a, ra - 2, y, ry - 2)
     _batch(ctx, b, rb - 2, y, ry - 2)
+    if ctx.const(a) is None and ctx.const(b) is None and ry >= 3:
+        # activation x activation (attention scores, attention x values): batch axes
+        # carry heads, the inner axes head_dim
+        for k in range(ry - 2):
+            ctx.role(y, k, "head")
+        for v, k in ((a, -1), (b, -1)):
+            ctx.role(v, k, "head_dim")
 
 
 def _batch(ctx: RuleContext, v, nb: int, y, ny: int) -> None:

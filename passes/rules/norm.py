@@ -58,6 +58,7 @@ def _last_axes_norm(ctx: RuleContext, axis: int, n_params: int) -> None:
                     ctx.ax(out, k)  # mean / inv_std outputs with size-1 axes
     for k in range(axis, r):
         ctx.inexact(ctx.ax(x, k), "statistics over the cut axis")
+        ctx.role(x, k, "hidden")
     for p in ctx.node.inputs[1 : 1 + n_params]:
         if p is None:
             continue

@@ -13,7 +13,7 @@ def _same(a, b) -> bool:
 
 def reshape_map(ctx: RuleContext, x, y) -> None:
     """Tie or factor the axes of x and y, which hold the same elements in row-major order."""
-    dx, dy = dim_keys(x), dim_keys(y)
+    dx, dy = dim_keys(x, ctx.filled.get(x.name)), dim_keys(y, ctx.filled.get(y.name))
     i = 0
     while i < len(dx) and i < len(dy) and _same(dx[i], dy[i]):
         ctx.tie(x, i, y, i)
@@ -26,9 +26,44 @@ def reshape_map(ctx: RuleContext, x, y) -> None:
     if not mx and not my:
         return
     if any(not isinstance(d, int) for d in mx + my):
-        raise Unsupported("reshape over axes of unknown size")
+        # batch/seq of unknown size merged or split (a [-1, E] view): refine the longest
+        # static tails that hold the same elements; the unknown-size heads are no channels
+        tx, ty = _static_tail(mx, my)
+        for v, side, base in ((x, mx, i), (y, my, i)):
+            for k in range(len(side) - (tx if v is x else ty)):
+                ctx.block(v, base + k, "reshape over axes of unknown size")
+        i_x, i_y = i + len(mx) - tx, i + len(my) - ty
+        mx, my = mx[len(mx) - tx:], my[len(my) - ty:]
+        if not mx and not my:
+            return
+        _refine(ctx, x, mx, i_x, y, my, i_y)
+        return
     if int(np.prod(mx)) != int(np.prod(my)):
         raise Unsupported("reshape with inconsistent sizes")
+    _refine(ctx, x, mx, i, y, my, i)
+
+
+def _static_tail(mx: list, my: list) -> tuple[int, int]:
+    """Lengths of the longest static suffixes of mx and my with equal products."""
+    def tail(side):
+        n = 0
+        while n < len(side) and isinstance(side[len(side) - 1 - n], int):
+            n += 1
+        return n
+
+    best = (0, 0)
+    for a in range(tail(mx) + 1):
+        pa = int(np.prod(mx[len(mx) - a:])) if a else 1
+        for b in range(tail(my) + 1):
+            pb = int(np.prod(my[len(my) - b:])) if b else 1
+            if pa == pb and a + b > sum(best):
+                best = (a, b)
+    return best
+
+
+def _refine(ctx: RuleContext, x, mx: list[int], bx: int, y, my: list[int], by: int) -> None:
+    """Common refinement of two static axis runs holding the same elements in row-major
+    order: virtual factor axes, each side's axis tied to one factor or their product."""
     cuts = set()
     for side in (mx, my):
         p = 1
@@ -45,7 +80,7 @@ def reshape_map(ctx: RuleContext, x, y) -> None:
             factors.append((prev, c))
         prev = c
     fids = [ctx.virtual(f"f{k}", hi // lo) for k, (lo, hi) in enumerate(factors)]
-    for v, side, base in ((x, mx, i), (y, my, i)):
+    for v, side, base in ((x, mx, bx), (y, my, by)):
         p = 1
         for k, d in enumerate(side):
             lo, hi = p, p * d
