@@ -114,8 +114,9 @@ class Analysis:
             if len(atoms) == 1 and not len(blocked):
                 continue  # a single unit (a depthwise conv's one channel per group) can never go
             inexact = next((c.atom_inexact[a] for a in atoms if a in c.atom_inexact), None)
-            # name a group after its biggest weight (a projection, not a RoPE table)
-            first = max(w_axes, key=lambda a: (init_axes[a][2].const_value.size, -a))
+            # name a group after its first matrix or kernel (a projection, not a RoPE table)
+            mats = [a for a in w_axes if len(init_axes[a][2].const_value.shape) >= 2]
+            first = min(mats or w_axes)
             fname, fk, _ = init_axes[first]
             unit = self._unit_size(atoms[:8], first)
             groups.append(
