@@ -35,20 +35,19 @@ _PRIMES = (7, 5, 11, 13, 3, 17, 19, 23)
 
 
 def _anonymous(d) -> bool:
-    if isinstance(d, int):
-        return False
-    name = getattr(d, "value", None)
-    return not name or name.startswith("unk__")
+    """Any dim that is not a static int: analysis sees it at a concrete size."""
+    return not isinstance(d, int)
 
 
 def concrete_shapes(model: ir.Model) -> dict[str, tuple[int | None, ...]]:
-    """For analysis only: shapes of values whose dims onnx left anonymous (``unk__N``),
-    re-inferred with every symbolic graph-input dim set to a distinct uncommon size.
+    """For analysis only: every value's shape with each symbolic graph-input dim set to a
+    distinct uncommon size (or the one ``--input-shape`` gave) and re-inferred.
 
-    Exporters write head counts as -1 next to run-time batch and sequence sizes, which
-    onnx's symbolic inference cannot resolve; with concrete sizes it can. Declared
-    symbols (batch, sequence) stay symbolic in the model; only unknowns are filled, and
-    only in what the rules see."""
+    Exporters write head counts as -1 next to run-time batch and sequence sizes, and
+    merge batch with heads (``[-1, S, D]``); with concrete sizes every reshape factors
+    exactly. Row-major reshapes index the same way whatever the batch, so the
+    factorization found holds for every size. The model keeps its symbols: only what
+    the rules see is concrete."""
     import onnx
 
     from surgery.frontends.onnx_loader import _weights_detached
@@ -57,7 +56,13 @@ def concrete_shapes(model: ir.Model) -> dict[str, tuple[int | None, ...]]:
     if not any(v.shape is None or any(_anonymous(d) for d in v.shape) for v in values.values()):
         return {}
     sizes: dict[str, int] = {}
+    given = model.meta.get("surgery.input_shapes") or {}
     saved = []
+    for v in model.graph.inputs:
+        if v.name in given and v.shape is not None:
+            for d, n in zip(v.shape, given[v.name]):
+                if not isinstance(d, int) and getattr(d, "value", None):
+                    sizes.setdefault(d.value, int(n))
     for v in model.graph.inputs:
         saved.append((v, v.shape))
         if v.shape is None:

@@ -28,7 +28,7 @@ import copy
 import dataclasses
 import json
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import onnx

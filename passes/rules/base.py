@@ -194,25 +194,65 @@ def dim_keys(v: ir.Value, filled: tuple | None = None) -> list:
     return out
 
 
-def shape_literals(v: ir.Value | None) -> list[int | None] | None:
-    """Entries of a shape tensor: an int where the graph holds a literal, None where it is
-    computed at run time. None overall when the shape's structure cannot be traced."""
+def shape_sources(v: ir.Value | None) -> list | None:
+    """Where each entry of a shape tensor comes from: an int literal, ("dim", t, k) for
+    ``Shape(t)[k]`` read at run time (it follows any cut of t's axis k by itself), or
+    None when untraceable. None overall when the structure cannot be traced."""
     if v is None:
         return None
     c = const_array(v)
     if c is not None:
         return [int(x) for x in np.atleast_1d(c).tolist()]
     node = v.producer()
-    if node is None or node.op_type != "Concat":
+    if node is None:
         return None
-    out: list[int | None] = []
-    for piece in node.inputs:
-        pc = const_array(piece)
-        if pc is not None:
-            out.extend(int(x) for x in np.atleast_1d(pc).tolist())
-            continue
-        s = value_shape(piece)
-        if s is None or len(s) != 1 or s[0] is None:
+    op = node.op_type
+    if op == "Shape":
+        t = node.inputs[0]
+        if t is None or t.shape is None:
             return None
-        out.extend([None] * s[0])
-    return out
+        r = len(t.shape)
+        a = node.attributes
+        start = a["start"].value if "start" in a else 0
+        end = a["end"].value if "end" in a else r
+        start, end = (start + r if start < 0 else start), (end + r if end < 0 else end)
+        return [("dim", t, k) for k in range(max(0, start), min(r, end))]
+    if op in ("Identity", "Cast", "Squeeze", "Unsqueeze"):
+        return shape_sources(node.inputs[0])
+    if op == "Concat":
+        out: list = []
+        for piece in node.inputs:
+            got = shape_sources(piece)
+            if got is None:
+                s = value_shape(piece)
+                if s is None or len(s) != 1 or s[0] is None:
+                    return None
+                got = [None] * s[0]
+            out.extend(got)
+        return out
+    if op in ("Gather", "Slice"):
+        src = shape_sources(node.inputs[0])
+        if src is None:
+            return None
+        if op == "Gather":
+            idx = const_array(node.inputs[1])
+            if idx is None:
+                return None
+            return [src[int(i)] for i in np.atleast_1d(idx).tolist()]
+        params = [const_array(node.inputs[i]) if i < len(node.inputs) and node.inputs[i] is not None else None
+                  for i in range(1, 5)]
+        if params[0] is None or params[1] is None:
+            return None
+        starts, ends = int(params[0].ravel()[0]), int(params[1].ravel()[0])
+        step = int(params[3].ravel()[0]) if params[3] is not None else 1
+        return src[slice(starts, ends, step)]
+    return None
+
+
+def shape_literals(v: ir.Value | None) -> list[int | None] | None:
+    """Entries of a shape tensor: an int where the graph holds a literal, None where it is
+    computed at run time. None overall when the shape's structure cannot be traced."""
+    src = shape_sources(v)
+    if src is None:
+        return None
+    return [e if isinstance(e, int) else None for e in src]

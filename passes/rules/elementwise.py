@@ -58,3 +58,6 @@ def expand(ctx: RuleContext) -> None:
     # broadcast of the input to the target; the shape input is rewritten by the cut
     ctx.broadcast([ctx.input(0)], ctx.output(0))
     ctx.param(ctx.input(1))
+    from .shape import _runtime_shape_guard
+
+    _runtime_shape_guard(ctx, ctx.output(0), ctx.input(1), right_aligned=True)

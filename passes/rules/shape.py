@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import RuleContext, Unsupported, const_array, dim_keys, rule, shape_literals
+from .base import RuleContext, Unsupported, const_array, dim_keys, rule, shape_sources
 
 
 def _same(a, b) -> bool:
@@ -95,14 +95,20 @@ def _refine(ctx: RuleContext, x, mx: list[int], bx: int, y, my: list[int], by: i
                 ctx.product(a, cover)
 
 
-def _runtime_shape_guard(ctx: RuleContext, y, shape_v) -> None:
-    """Entries computed at run time cannot be rewritten: block the axes they size."""
+def _runtime_shape_guard(ctx: RuleContext, y, shape_v, right_aligned: bool = False) -> None:
+    """Entries read from ``Shape(t)[k]`` follow t's axis k by themselves: tie the output
+    axis to it. Other run-time entries cannot be rewritten: block the axes they size."""
     if shape_v is None or ctx.const(shape_v) is not None:
         return
-    lits = shape_literals(shape_v)
+    src = shape_sources(shape_v)
     sy = ctx.shape(y)
+    off = len(sy) - len(src) if (src is not None and right_aligned) else 0
     for j, s in enumerate(sy):
-        if lits is not None and j < len(lits) and lits[j] is not None:
+        e = src[j - off] if src is not None and 0 <= j - off < len(src) else None
+        if isinstance(e, int):
+            continue
+        if isinstance(e, tuple) and e[1].shape is not None:
+            ctx.tie(e[1], e[2], y, j)
             continue
         if s is not None and s > 1:
             ctx.block(y, j, "reshape target computed at run time")
