@@ -62,6 +62,9 @@ __all__ = [
     "check_module",
     "register_module_rule",
     "rule_for",
+    "attention_rule",
+    "heads_after",
+    "is_attention",
     "update_transformer_attributes",
 ]
 
@@ -106,6 +109,7 @@ class ModuleCut:
     old_shapes: dict[str, tuple[int, ...]]  # relative tensor name -> shape before the cut
     _undo: list = dataclasses.field(default_factory=list, repr=False)
     changed: dict = dataclasses.field(default_factory=dict)  # attr -> (old, new)
+    votes: dict = dataclasses.field(default_factory=dict)  # config key -> {values}
 
     @property
     def label(self) -> str:
@@ -141,6 +145,10 @@ class ModuleCut:
         setattr(obj, attr, value)
         if obj is self.module:
             self.changed[attr] = (old, value)
+
+    def vote(self, config_key: str, value) -> None:
+        """Ask for ``root.config.<config_key> = value`` (applied when every module agrees)."""
+        self.votes.setdefault(config_key, set()).add(value)
 
     def fail(self, reason: str):
         raise NotRepresentable(f"module {self.label} cannot express the cut: {reason}")
@@ -263,6 +271,12 @@ def _mha_rule(m, cut: ModuleCut) -> None:
     inner_out = cut.removed("out_proj.weight", 1)
     if not own and not len(inner_out):
         return  # only the output features (out_proj rows) changed: the module allows that
+    kv_inputs = {"k_proj_weight", "v_proj_weight"}
+    if (not m._qkv_same_embed_dim and own <= kv_inputs and not len(inner_out)
+            and all(a == 1 for n in kv_inputs for a, _ in cut.cuts.get(n, []))):
+        cut.set("kdim", int(m.k_proj_weight.shape[1]))  # key/value input features (kdim/vdim)
+        cut.set("vdim", int(m.v_proj_weight.shape[1]))
+        return
     # the one consistent case: every q/k/v row, the query features and out_proj's input
     # lose the same indices R of the embedding
     if m._qkv_same_embed_dim:
@@ -331,59 +345,88 @@ def _attr(m, names):
     return None, None
 
 
-def heads_after(cut: ModuleCut, proj: str, heads: int) -> tuple[int, int] | None:
-    """(heads kept, head_dim) of a projection ``proj`` (relative name) whose output rows
-    are ``heads`` x head_dim, after the cut; None if it was not cut on its rows."""
-    if not len(cut.removed(f"{proj}.weight", 0)):
-        return None
+def is_attention(m) -> bool:
+    """A transformers-style attention: a query projection child and a heads or head_dim
+    attribute."""
+    return _child(m, _Q)[1] is not None and (_attr(m, _HEADS)[0] is not None or _attr(m, _HEAD_DIM)[0] is not None)
+
+
+def heads_after(cut: ModuleCut, proj: str, heads: int, head_dim: int) -> tuple[int, np.ndarray]:
+    """(heads kept, removed head indices) of projection ``proj`` (relative name) whose
+    output rows are ``heads`` x ``head_dim``; fails unless the cut removes whole heads."""
+    rows = cut.removed(f"{proj}.weight", 0)
+    if not len(rows):
+        return heads, np.zeros(0, np.int64)
     full, remaining = cut.blocks(f"{proj}.weight", 0, heads)
-    if len(set(remaining)) > 1:
-        cut.fail(f"'{proj}' heads would keep unequal head_dim {sorted(set(remaining))}")
-    return heads - full, remaining[0]
+    if any(r != head_dim for r in remaining):
+        cut.fail(f"the cut shrinks the head_dim of '{proj}' ({head_dim} -> {sorted(set(remaining))}); the module "
+                 f"keeps one head_dim for its query, key and value heads, so only whole heads can go")
+    return heads - full, np.unique(rows // head_dim)
+
+
+def attention_rule(m, cut: ModuleCut) -> None:
+    """Whole-head pruning of a transformers-style attention (q/k/v/o projections as
+    child Linears, ``head_dim`` or a heads count as attributes; GQA allowed). Updates
+    ``num_heads``-like, ``num_key_value_heads``-like, ``all_head_size`` and
+    ``num_key_value_groups`` attributes where they exist, and votes for ``config``."""
+    qn, _ = _child(m, _Q)
+    kn, k = _child(m, _K)
+    vn, v = _child(m, _V)
+    on, o = _child(m, _O)
+    hn, H = _attr(m, _HEADS)
+    dn, D = _attr(m, _HEAD_DIM)
+    q_rows = cut.old_shape(f"{qn}.weight")[0]
+    if D is None:
+        D = q_rows // H
+    H = q_rows // D
+    h_new, q_gone = heads_after(cut, qn, H, D)
+    kvn, _ = _attr(m, _KV_HEADS)
+    KV, kv_new, kv_gone = H, h_new, q_gone
+    if k is not None:
+        KV = cut.old_shape(f"{kn}.weight")[0] // D
+        kv_new, kv_gone = heads_after(cut, kn, KV, D)
+        if v is not None:
+            _, v_gone = heads_after(cut, vn, cut.old_shape(f"{vn}.weight")[0] // D, D)
+            if not np.array_equal(v_gone, kv_gone):
+                cut.fail(f"the cut removes key heads {kv_gone.tolist()} but value heads {v_gone.tolist()}")
+    if o is not None and not np.array_equal(cut.removed(f"{on}.weight", 1), cut.removed(f"{qn}.weight", 0)):
+        cut.fail(f"'{on}' loses other input features than '{qn}' loses outputs")
+    if not kv_new or h_new % kv_new:
+        cut.fail(f"{h_new} query heads do not share {kv_new} key/value heads evenly")
+    if k is not None and KV and H % KV == 0:  # each kept query head still reads its own kv head
+        rep_old, rep_new = H // KV, h_new // kv_new
+        gone_q, gone_kv = set(q_gone.tolist()), set(kv_gone.tolist())
+        kept_q = [h for h in range(H) if h not in gone_q]
+        kept_kv = [h for h in range(KV) if h not in gone_kv]
+        if any(qh // rep_old != kept_kv[i // rep_new] for i, qh in enumerate(kept_q)):
+            cut.fail("the kept query heads would read other key/value heads")
+    if hn is not None:
+        cut.set(hn, int(h_new))
+    if kvn is not None:
+        cut.set(kvn, int(kv_new))
+    if isinstance(getattr(m, "all_head_size", None), int):
+        cut.set("all_head_size", int(h_new * D))
+    if isinstance(getattr(m, "num_key_value_groups", None), int):
+        cut.set("num_key_value_groups", int(h_new // kv_new))
+    cut.vote("num_attention_heads", int(h_new))
+    if k is not None and KV != H:
+        cut.vote("num_key_value_heads", int(kv_new))
 
 
 def update_transformer_attributes(m, cut: ModuleCut) -> None:
-    """Default for modules without a rule: keep the attention/MLP size attributes of
-    transformers-style modules in step with their projections (the extension point:
-    register a rule for your attention class to replace it; it receives the module and
-    the cut, and ``heads_after(cut, "q_proj", num_heads)`` gives the head counts)."""
-    hn, heads = _attr(m, _HEADS)
-    qn, q = _child(m, _Q)
-    if hn is not None and qn is not None and heads:
-        after = heads_after(cut, qn, heads)
-        if after is not None:
-            h_new, d_new = after
-            kvn, kv = _attr(m, _KV_HEADS)
-            kn, _ = _child(m, _K)
-            kv_new = kv
-            if kvn is not None and kn is not None and kv:
-                kv_after = heads_after(cut, kn, kv)
-                if kv_after is not None:
-                    kv_new, kv_d = kv_after
-                    if kv_d != d_new:
-                        cut.fail(f"query head_dim {d_new} differs from key head_dim {kv_d}")
-                cut.set(kvn, int(kv_new))
-            cut.set(hn, int(h_new))
-            dn, _ = _attr(m, _HEAD_DIM)
-            if dn is not None:
-                cut.set(dn, int(d_new))
-            if isinstance(getattr(m, "all_head_size", None), int):
-                cut.set("all_head_size", int(h_new * d_new))
-            if isinstance(getattr(m, "num_key_value_groups", None), int) and kv_new:
-                cut.set("num_key_value_groups", int(h_new // kv_new))
-    un, up = _child(m, _UP)
+    """Default for modules without a rule. Attention modules (:func:`is_attention`) go
+    through :func:`attention_rule`; MLP modules with an ``intermediate_size`` follow
+    their up projection. This is the extension point for transformers' classes:
+    ``register_module_rule(MyAttention)(fn)`` replaces it; ``fn`` receives the module
+    and the cut, and :func:`heads_after` gives the head counts."""
+    if is_attention(m):
+        names = {_child(m, n)[0] for n in (_Q, _K, _V, _O)} - {None}
+        if any(k.split(".")[0] in names for k in cut.cuts):
+            attention_rule(m, cut)
+    _, up = _child(m, _UP)
     if up is not None and isinstance(getattr(m, "intermediate_size", None), int):
         cut.set("intermediate_size", int(up.out_features))
-    on, o = _child(m, _O)
-    if o is not None and isinstance(getattr(m, "hidden_size", None), int) and len(cut.removed(f"{on}.weight", 0)):
-        cut.set("hidden_size", int(o.out_features))
-
-
-_CONFIG_KEYS = {
-    "num_heads": "num_attention_heads", "num_attention_heads": "num_attention_heads", "n_heads": "n_heads",
-    "n_head": "n_head", "num_key_value_heads": "num_key_value_heads", "head_dim": "head_dim",
-    "intermediate_size": "intermediate_size", "hidden_size": "hidden_size",
-}
+        cut.vote("intermediate_size", int(up.out_features))
 
 
 # --------------------------------------------------------------------------- #
@@ -448,8 +491,9 @@ def _slice(t: torch.Tensor, cuts) -> torch.Tensor:
     return new.contiguous()
 
 
-def apply_module_cuts(root: nn.Module, cuts: TensorCuts) -> Applied:
-    """Slice the named tensors of ``root`` and update its modules (see module doc)."""
+def apply_module_cuts(root: nn.Module, cuts: TensorCuts, *, name_prefix: str = "") -> Applied:
+    """Slice the named tensors of ``root`` and update its modules (see module doc).
+    ``name_prefix``: the qualified name of ``root`` in a bigger model, for messages."""
     tensors = module_tensors(root)
     holders = _holders(root)
     undo: list = []
@@ -498,14 +542,14 @@ def apply_module_cuts(root: nn.Module, cuts: TensorCuts) -> Applied:
                 prefix = f"{mname}." if mname else ""
                 rel = {n[len(prefix):]: c for n, c in all_names.items() if n.startswith(prefix)}
                 rel_shapes = {n[len(prefix):]: s for n, s in old_shapes.items() if n.startswith(prefix)}
-                mc = ModuleCut(mname, mod, root, rel, rel_shapes, undo)
+                full = ".".join(n for n in (name_prefix, mname) if n)
+                mc = ModuleCut(full, mod, root, rel, rel_shapes, undo)
                 fn = rule_for(type(mod)) or update_transformer_attributes
                 fn(mod, mc)
                 if mc.changed:
-                    applied.changed[mname] = dict(mc.changed)
-                    for attr, (_, new) in mc.changed.items():
-                        if attr in _CONFIG_KEYS:
-                            config_votes.setdefault(_CONFIG_KEYS[attr], set()).add(new)
+                    applied.changed[full] = dict(mc.changed)
+                for key, vals in mc.votes.items():
+                    config_votes.setdefault(key, set()).update(vals)
             cfg = getattr(root, "config", None)
             if cfg is not None and config_votes:
                 for key, vals in config_votes.items():
@@ -586,14 +630,7 @@ def _label(root: nn.Module, name: str) -> str:
 
 def _scope_values(proto):
     """module name -> values its exported nodes produce that are used outside them."""
-    nodes_by_scope: dict[str, list] = {}
-    produced_in: dict[str, str | None] = {}
-    scopes = []
-    for node in proto.graph.node:
-        s = module_scope(node)
-        scopes.append(s)
-        for o in node.output:
-            produced_in[o] = s
+    scopes = [module_scope(node) for node in proto.graph.node]
     consumers: dict[str, list[str | None]] = {}
     for node, s in zip(proto.graph.node, scopes):
         for i in node.input:

@@ -47,6 +47,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import re
 import warnings
 from typing import Any
 
@@ -128,9 +129,12 @@ def export_module(module, example_inputs, *, dynamic_shapes=None) -> onnx.ModelP
             prog = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True, optimize=False,
                                      dynamic_shapes=dynamic_shapes, verbose=False, report=False)
         except Exception as e:  # noqa: BLE001 - the exporter raises many types
-            msg = str(e).strip().splitlines()
+            root = e
+            while root.__cause__ is not None and root.__cause__ is not root:
+                root = root.__cause__
+            msg = re.sub(r"\x1b\[[0-9;]*m", "", str(root)).strip().splitlines()
             raise SurgeryError(f"torch.onnx.export failed for {type(module).__name__}: "
-                               f"{msg[0] if msg else type(e).__name__}") from e
+                               f"{type(root).__name__}: {msg[0] if msg else ''}") from e
         proto = prog.model_proto
     fold_castlike(proto)
     drop_zero_bias(proto)

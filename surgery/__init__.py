@@ -2,7 +2,7 @@
 
 from surgery.errors import SurgeryError
 
-__all__ = ["SurgeryError", "analyze", "apply", "criterion", "load", "prune", "save"]
+__all__ = ["SurgeryError", "analyze", "apply", "criterion", "load", "prune", "prune_module", "save"]
 __version__ = "0.1.0"
 
 
@@ -11,6 +11,10 @@ def __getattr__(name):  # lazy: `import surgery` stays cheap and torch-free
         from surgery import api
 
         return getattr(api, name)
+    if name == "prune_module":  # needs torch, imported only when asked for
+        from surgery.torch_api import prune_module
+
+        return prune_module
     if name == "criterion":
         from surgery.passes.criteria import criterion
 

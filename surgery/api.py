@@ -56,7 +56,9 @@ def _protected(analysis: Analysis, keep: Iterable[str]) -> set[int]:
     if not names:
         return set()
     nodes = {n.name: n for n in analysis.model.graph}
+    groups = {g.name: g for g in analysis.groups}
     axes: list[int] = []
+    atoms: set[int] = set()
     for name in names:
         if name in nodes:
             for v in [*nodes[name].inputs, *nodes[name].outputs]:
@@ -64,9 +66,11 @@ def _protected(analysis: Analysis, keep: Iterable[str]) -> set[int]:
                     axes.extend(analysis.value_axes.get(v.name, []))
         elif name in analysis.value_axes:
             axes.extend(analysis.value_axes[name])
+        elif name in groups:  # a group name from `surgery analyze`: just that group
+            atoms.update(groups[name].atoms.tolist())
         else:
-            raise SurgeryError(f"--keep '{name}' is neither a node nor a tensor of this model")
-    return analysis.atoms_touching(axes)
+            raise SurgeryError(f"--keep '{name}' is neither a node, a tensor nor a group of this model")
+    return analysis.atoms_touching(axes) | atoms
 
 
 def prune(
@@ -112,8 +116,10 @@ def prune(
     ctx = CriterionContext(rng=np.random.default_rng(seed))
     scores = {g.id: crit(g, ctx) for g in analysis.groups if g.prunable}
     head = ratio if head_ratio is None else head_ratio
+    # multi-query attention has one key/value head: only its query heads can go
+    kv_mode = gqa == "kv" and any(g.kind == "kv_heads" and g.prunable for g in analysis.groups)
     by_kind = {
-        "heads": head, "kv_heads": head if gqa == "kv" else 0.0, "q_per_kv": head if gqa == "query" else 0.0,
+        "heads": head, "kv_heads": head if kv_mode else 0.0, "q_per_kv": 0.0 if kv_mode else head,
         "head_dim": head_dim_ratio, "mlp": ratio if mlp_ratio is None else mlp_ratio,
         "hidden": ratio if hidden_ratio is None else hidden_ratio, "channel": ratio,
     }

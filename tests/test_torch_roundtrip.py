@@ -16,7 +16,8 @@ from surgery import SurgeryError  # noqa: E402
 from surgery.torch_api import load, prune_module, save  # noqa: E402
 from surgery.backends.torch_module import apply_module_cuts, register_module_rule  # noqa: E402
 from surgery.verify import run  # noqa: E402
-from surgery.frontends.torch_export import export_module, onnx_feeds  # noqa: E402
+from surgery.frontends.torch_export import NotRepresentable, TorchMap, export_module, onnx_feeds  # noqa: E402
+from surgery.frontends.onnx_loader import META_FOLDED_FROM, load_onnx  # noqa: E402
 
 
 # --------------------------------------------------------------------------- #
@@ -152,20 +153,29 @@ class HardCodedNet(nn.Module):
         return self.fc(self.pool(F.relu(self.conv2(F.relu(self.conv1(x))))))
 
 
-class ZerosInForward(nn.Module):
+class ConstantInForward(nn.Module):
+    """Builds a 16-channel tensor in forward: a constant the module cannot re-slice."""
+
     def forward(self, x):
-        return x + torch.zeros(1, 16, 1, 1)
+        return x * torch.tensor([1.0 + i / 16 for i in range(16)]).view(1, 16, 1, 1)
 
 
-class ZerosNet(nn.Module):
-    def __init__(self):
+class HalfScaled(nn.Module):
+    """Scales 'the first 8 channels': runs after a cut, silently on other channels."""
+
+    def forward(self, x):
+        return torch.cat([x[:, :8] * 2, x[:, 8:]], 1)
+
+
+class MidNet(nn.Module):
+    def __init__(self, mid):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.offset = ZerosInForward()
+        self.mid = mid
         self.conv2 = nn.Conv2d(16, 4, 1)
 
     def forward(self, x):
-        return self.conv2(F.relu(self.offset(self.conv1(x))))
+        return self.conv2(self.mid(F.relu(self.conv1(x))))
 
 
 def _randomize(module: nn.Module, seed: int) -> nn.Module:
@@ -200,8 +210,19 @@ def _pruned(name):
     module = _build(cls)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
     before = copy.deepcopy(module.state_dict())
-    res = prune_module(module, x, ratio=0.5)
+    res = prune_module(module, x, **_ratios(0.5))
     return module, x, res, before
+
+
+def _ratios(r: float = 0.5) -> dict:
+    """ratio=r for every kind of group surgery.prune knows (heads, head_dim, mlp, ...)."""
+    import inspect
+
+    from surgery import api
+
+    params = inspect.signature(api.prune).parameters
+    kinds = ("head_ratio", "mlp_ratio", "hidden_ratio", "head_dim_ratio")
+    return {"ratio": r, **{k: r for k in kinds if k in params}}
 
 
 def _outputs_close(a, b, tol=1e-4):
@@ -238,6 +259,11 @@ def test_pruned_module_matches_pruned_onnx(name):
     assert got.shape == ref.shape
     assert _outputs_close(got, ref)
     assert res.report["torch"]["max_abs_diff"] <= res.report["torch"]["tolerance"]
+    # every weight the plan cut is a parameter or buffer of the module, by name
+    assert not res.report["torch"]["unmapped_cuts"]
+    names = set(module.state_dict())
+    assert res.module_cuts and set(res.module_cuts) <= names
+    assert set(res.plan.tensor_cuts()) <= names  # optimize=False keeps the module's names
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -253,7 +279,7 @@ def test_backward_and_optimizer_step(name):
     assert any(not torch.equal(a, p) for a, p in zip(before, m.parameters()))
 
 
-@pytest.mark.parametrize("name", ["resnet", "mobilenet", "densenet", "mlp"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_save_load_reproduces(name, tmp_path):
     module, x, res, _ = _pruned(name)
     path = tmp_path / "pruned.pt"
@@ -309,7 +335,7 @@ def test_inplace_and_dict_inputs():
     torch.manual_seed(0)
     m = KW()
     x, s = torch.randn(3, 8), torch.rand(3, 4)
-    res = prune_module(m, {"x": x, "scale": s}, inplace=True, ratio=0.25)
+    res = prune_module(m, {"x": x, "scale": s}, inplace=True, **_ratios(0.25))
     assert res.module is m and m.a.out_features == 24 and m.b.in_features == 24
     ref = run(res.onnx, onnx_feeds(res.onnx, {"x": x, "scale": s}))[0]
     with torch.no_grad():
@@ -319,11 +345,15 @@ def test_inplace_and_dict_inputs():
 def test_hard_coded_channel_count_names_the_module():
     m = _build(HardCodedNet)
     x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(SurgeryError, match=r"'pool' \(HardCoded\)"):
-        prune_module(m, x, ratio=0.5)
-    m2 = _build(ZerosNet)
-    with pytest.raises(SurgeryError, match=r"'offset' \(ZerosInForward\)"):
-        prune_module(m2, x, ratio=0.5)
+    with pytest.raises(SurgeryError, match=r"fails in module 'pool' \(HardCoded\).*keep="):
+        prune_module(m, x, **_ratios(0.5))
+    torch.manual_seed(0)
+    with pytest.raises(SurgeryError, match=r"fails in module 'mid' \(ConstantInForward\)"):
+        prune_module(MidNet(ConstantInForward()), x, **_ratios(0.5))
+    # no exception, wrong channels: found by comparing module outputs with the ONNX values
+    torch.manual_seed(0)
+    with pytest.raises(SurgeryError, match=r"first module that differs: 'mid' \(HalfScaled\)"):
+        prune_module(MidNet(HalfScaled()), x, **_ratios(0.5))
 
 
 def test_failed_inplace_prune_leaves_the_module_alone():
@@ -331,7 +361,7 @@ def test_failed_inplace_prune_leaves_the_module_alone():
     x = torch.randn(1, 3, 8, 8)
     ref = copy.deepcopy(m.state_dict())
     with pytest.raises(SurgeryError):
-        prune_module(m, x, ratio=0.5, inplace=True)
+        prune_module(m, x, inplace=True, **_ratios(0.5))
     assert m.conv2.out_channels == 32
     assert all(torch.equal(v, ref[k]) for k, v in m.state_dict().items())
 
@@ -397,3 +427,64 @@ def test_export_is_deterministic_and_names_parameters():
     assert "layer1.0.bn1.running_mean" in names
     assert any(n.op_type == "BatchNormalization" for n in p1.graph.node)
     assert m.training  # export ran in eval mode and restored the flag
+
+
+def test_weights_the_loader_folds_map_back_by_probing():
+    """A weight op without a channel rule is folded by the loader into a new initializer;
+    probing finds which parameter entries it holds (Einsum 'ij->ji' is a transpose), and
+    refuses arithmetic (Einsum 'ij,ij->ji' squares)."""
+    import onnx
+
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))
+    proto = export_module(m, torch.randn(2, 3, 6))  # 3-D input: MatMul(x, Transpose(W))
+    transposes = [n for n in proto.graph.node if n.op_type == "Transpose"]
+    assert [n.input[0] for n in transposes] == ["0.weight", "2.weight"]
+    for n, eq in zip(transposes, ["ij->ji", "ij,ij->ji"]):
+        n.op_type = "Einsum"
+        del n.attribute[:]
+        n.attribute.append(onnx.helper.make_attribute("equation", eq))
+        if "," in eq:
+            n.input.append(n.input[0])
+    model = load_onnx(proto)
+    folded = {tuple(v.meta.get(META_FOLDED_FROM) or ()): k for k, v in model.graph.initializers.items()}
+    first, second = folded[("0.weight",)], folded[("2.weight",)]
+    tmap = TorchMap(proto, m)
+    cuts, unmapped = tmap.to_module_cuts({first: [(1, np.array([1, 3]))], "0.bias": [(0, np.array([1, 3]))]}, model)
+    assert {k: [(a, i.tolist()) for a, i in v] for k, v in cuts.items()} == {
+        "0.weight": [(0, [1, 3])], "0.bias": [(0, [1, 3])]} and not unmapped
+    with pytest.raises(NotRepresentable, match="computed from 2.weight"):
+        tmap.to_module_cuts({second: [(0, np.array([1]))]}, model)
+
+
+def test_transformers_llama_attention_and_mlp():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    res = prune_module(lm, {"input_ids": ids, "use_cache": False}, **_ratios(0.5))
+    t = res.report["torch"]
+    # RoPE frequency pairs and value head_dim: ONNX can cut them, LlamaAttention cannot
+    assert any("head_dim" in p["why"] and "LlamaAttention" in p["why"] for p in t["protected_groups"])
+    mlp, attn = res.module.model.layers[0].mlp, res.module.model.layers[0].self_attn
+    assert mlp.intermediate_size == mlp.up_proj.out_features == res.module.config.intermediate_size == 32
+    assert lm.config.intermediate_size == 64  # the original keeps its own config
+    assert attn.q_proj.out_features // attn.head_dim == res.module.config.num_attention_heads
+    assert attn.k_proj.out_features // attn.head_dim == res.module.config.num_key_value_heads
+    with torch.no_grad():
+        got = res.module(input_ids=ids, use_cache=False).logits.numpy()
+    ref = run(res.onnx, onnx_feeds(res.onnx, {"input_ids": ids, "use_cache": False}))[0]
+    assert _outputs_close(got, ref)
+
+
+def test_dynamic_batch():
+    m = _build(MLP)
+    x = torch.randn(4, 20)
+    res = prune_module(m, x, dynamic_shapes=({0: torch.export.Dim("batch")},), **_ratios(0.5))
+    dim0 = res.onnx.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value
+    x7 = torch.randn(7, 20)
+    with torch.no_grad():
+        got = res.module.eval()(x7).numpy()
+    assert _outputs_close(got, run(res.onnx, onnx_feeds(res.onnx, x7))[0])

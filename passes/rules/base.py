@@ -97,6 +97,20 @@ class RuleContext:
     def const(self, v: ir.Value | None) -> np.ndarray | None:
         return const_array(v)
 
+    def from_weights(self, v: ir.Value | None) -> bool:
+        """Computed from initializers alone (a weight behind a Transpose or Cast)."""
+        if v is None:
+            return True
+        memo = self.__dict__.setdefault("_from_weights", {})
+        key = id(v)
+        if key not in memo:
+            memo[key] = False  # cycles cannot happen in a DAG, but be safe
+            node = v.producer()
+            memo[key] = v.const_value is not None or (
+                node is not None and bool(node.inputs) and all(self.from_weights(i) for i in node.inputs)
+            )
+        return memo[key]
+
     def const_required(self, v: ir.Value | None, what: str) -> np.ndarray:
         c = const_array(v)
         if c is None:
@@ -164,6 +178,9 @@ class RuleContext:
         for j in range(r):
             self.ax(out, j)  # axes every input broadcasts into are copies: cut freely (Expand)
         single = len([v for v in inputs if v is not None]) == 1
+        if single:  # an Expand that repeats a size-1 axis (repeat_kv), not one adding axes
+            sv0 = self.shape(inputs[0])
+            single = any(d == 1 and so[k + r - len(sv0)] not in (1, None) for k, d in enumerate(sv0))
         for v in inputs:
             if v is None:
                 continue

@@ -34,7 +34,7 @@ def clip(ctx: RuleContext) -> None:
 @rule("CastLike")
 def cast_like(ctx: RuleContext) -> None:
     ctx.tie_same(ctx.input(0), ctx.output(0))
-    ctx.param(ctx.input(1))
+    ctx.free(ctx.input(1))  # only its dtype is read
 
 
 @rule("Dropout")

@@ -29,7 +29,7 @@ def matmul(ctx: RuleContext) -> None:
     ctx.tie(b, -1, y, -1)
     _batch(ctx, a, ra - 2, y, ry - 2)
     _batch(ctx, b, rb - 2, y, ry - 2)
-    if ctx.const(a) is None and ctx.const(b) is None and ry >= 3:
+    if not ctx.from_weights(a) and not ctx.from_weights(b) and ry >= 3:
         # activation x activation (attention scores, attention x values): batch axes
         # carry heads, the inner axes head_dim
         for k in range(ry - 2):
