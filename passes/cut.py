@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from surgery.analysis import Analysis
-from surgery.passes.rules.base import Unsupported, const_array, value_shape
+from surgery.passes.rules.base import Unsupported, const_array, value_shape, where_guarded
 from surgery.passes.rules.shape import slice_params
 
 REWRITES: dict[str, Callable[["CutContext", ir.Node], None]] = {}
@@ -175,6 +175,12 @@ def _rewrite_shape_input(ctx: CutContext, node: ir.Node, i: int, right_aligned: 
             ctx.set_const_input(node, i, np.asarray(new, dtype=np.int64))
         return
     prod = shape_v.producer() if shape_v is not None else None
+    inner = where_guarded(prod) if prod is not None else None
+    if inner is not None:  # Where(Equal(s, -1), ones, s): rewrite s, drop the guard
+        prod = inner.producer()
+    while prod is not None and (prod.op_type in ("Identity", "Cast") or (
+            prod.op_type == "Reshape" and len(prod.outputs[0].shape or ()) == 1)):
+        prod = prod.inputs[0].producer()  # a 1-D view of the same entries
     if prod is None or prod.op_type != "Concat":
         return
     # literal pieces of a Concat-built shape (the analysis blocked the run-time ones)
@@ -192,6 +198,8 @@ def _rewrite_shape_input(ctx: CutContext, node: ir.Node, i: int, right_aligned: 
              for j, st, pc in pieces if pc is not None and new[st : st + pc.size] != full[st : st + pc.size]]
     if not edits:
         return
+    if inner is not None and -1 in [e for e in new if e is not None]:
+        return  # the guard still matters; the analysis blocked what this would need
     # the Concat may feed other reshapes (Q, K and V share one): edit a private copy
     mine = ir.Node(prod.domain, "Concat", inputs=list(prod.inputs), attributes=list(prod.attributes.values()),
                    name=f"{prod.name}_for_{node.name}", num_outputs=1)

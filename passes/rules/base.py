@@ -234,8 +234,12 @@ def shape_sources(v: ir.Value | None) -> list | None:
         end = a["end"].value if "end" in a else r
         start, end = (start + r if start < 0 else start), (end + r if end < 0 else end)
         return [("dim", t, k) for k in range(max(0, start), min(r, end))]
-    if op in ("Identity", "Cast", "Squeeze", "Unsqueeze"):
+    if op in ("Identity", "Cast", "Squeeze", "Unsqueeze") or (op == "Reshape" and len(v.shape or ()) == 1):
         return shape_sources(node.inputs[0])
+    inner = where_guarded(node)
+    if inner is not None:  # the legacy exporter's Expand guard: -1 entries become 1
+        src = shape_sources(inner)
+        return None if src is None else [None if e == -1 else e for e in src]
     if op == "Concat":
         out: list = []
         for piece in node.inputs:
@@ -264,6 +268,18 @@ def shape_sources(v: ir.Value | None) -> list | None:
         step = int(params[3].ravel()[0]) if params[3] is not None else 1
         return src[slice(starts, ends, step)]
     return None
+
+
+def where_guarded(node: ir.Node) -> ir.Value | None:
+    """``s`` when node is ``Where(Equal(s, -1), ones, s)``, else None."""
+    if node.op_type != "Where" or len(node.inputs) != 3:
+        return None
+    cond, s = node.inputs[0], node.inputs[2]
+    eq = cond.producer() if cond is not None else None
+    if eq is None or eq.op_type != "Equal" or s is None or eq.inputs[0] is not s:
+        return None
+    c = const_array(eq.inputs[1])
+    return s if c is not None and np.all(c == -1) else None
 
 
 def shape_literals(v: ir.Value | None) -> list[int | None] | None:
