@@ -135,8 +135,17 @@ def prune(
     plan: Optional[Path] = typer.Option(None, "--plan", help="Write the plan (what was removed) as JSON."),
     global_rank: bool = typer.Option(False, "--global", help="Rank units of all groups together (scores normalized "
                                      "per group); every group keeps at least one unit."),
-    round_to: int = typer.Option(1, "--round-to", help="Keep channel counts a multiple of N."),
-    keep: List[str] = typer.Option([], "--keep", help="Protect a node or tensor by name (repeatable)."),
+    round_to: int = typer.Option(1, "--round-to", help="Keep each group's channel count a multiple of N."),
+    head_ratio: Optional[float] = typer.Option(None, "--head-ratio", help="Fraction of attention heads removed "
+                                               "(default: --ratio)."),
+    mlp_ratio: Optional[float] = typer.Option(None, "--mlp-ratio", help="Fraction of MLP units removed (default: --ratio)."),
+    hidden_ratio: Optional[float] = typer.Option(None, "--hidden-ratio", help="Fraction of the hidden size (residual "
+                                                 "stream) removed; inexact under LayerNorm (default: --ratio)."),
+    head_dim_ratio: float = typer.Option(0.0, "--head-dim-ratio", help="Fraction of channels removed inside every "
+                                         "head (RoPE pairs stay together; default 0)."),
+    gqa: str = typer.Option("kv", "--gqa", help="Grouped-query attention: 'kv' removes whole key/value heads with "
+                            "their query heads; 'query' removes query heads evenly from every key/value group."),
+    keep: List[str] = typer.Option([], "--keep", help="Protect a node, tensor or group by name (repeatable)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the random criterion and verification inputs."),
     input_shape: List[str] = typer.Option([], "--input-shape", help="NAME:1x3x224x224 for verification inputs; "
                                           "symbolic dims default to 1."),
@@ -151,7 +160,8 @@ def prune(
         with _status(quiet, "pruning"):
             result = api.prune(str(model), ratio=ratio, criterion=criterion, global_rank=global_rank,
                                round_to=round_to, keep=keep, seed=seed, input_shapes=_shapes(input_shape),
-                               verify_result=not no_verify)
+                               verify_result=not no_verify, head_ratio=head_ratio, mlp_ratio=mlp_ratio,
+                               hidden_ratio=hidden_ratio, head_dim_ratio=head_dim_ratio, gqa=gqa)
         _finish(result, model, out, report, plan, quiet)
     except SurgeryError as e:
         _fail(str(e))
@@ -194,7 +204,7 @@ def analyze(
     rows = [
         {
             "id": g.id, "name": g.name, "units": int(len(g.atoms) + len(g.blocked_atoms)), "prunable_units": int(len(g.atoms)),
-            "unit": g.unit, "status": "prunable" if g.prunable else "blocked",
+            "unit": g.unit, "kind": g.kind, "status": "prunable" if g.prunable else "blocked",
             "why": g.blocked_reason if not g.prunable else (f"{len(g.blocked_atoms)} units blocked: {g.blocked_reason}" if len(g.blocked_atoms) else ""),
             "exact": g.exact, "inexact_why": g.inexact_reason,
             "tensors": [f"{s.tensor}@{s.axis}" for s in g.weight_slices_names()],
@@ -206,12 +216,12 @@ def analyze(
         return
     t = Table(title=f"{model}: {sum(r['status'] == 'prunable' for r in rows)} of {len(rows)} groups prunable",
               header_style="bold")
-    for col in ("id", "group", "units", "unit", "status", "why / exactness"):
+    for col in ("id", "group", "kind", "units", "unit", "status", "why / exactness"):
         t.add_column(col, overflow="fold")
     for r in rows:
         why = r["why"] or ("" if r["exact"] else f"inexact: {r['inexact_why']}")
         style = "green" if r["status"] == "prunable" else "dim"
-        t.add_row(str(r["id"]), r["name"], f"{r['prunable_units']}/{r['units']}", str(r["unit"]),
+        t.add_row(str(r["id"]), r["name"], r["kind"], f"{r['prunable_units']}/{r['units']}", str(r["unit"]),
                   f"[{style}]{r['status']}[/]", why)
     Console().print(t)
 

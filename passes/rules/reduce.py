@@ -43,7 +43,20 @@ def _reduced(ctx: RuleContext, axes: list[int], why: str) -> None:
 
 @rule(*REDUCE)
 def reduce(ctx: RuleContext) -> None:
-    _reduced(ctx, _axes(ctx, ctx.rank(ctx.input(0))), "reduced over this axis")
+    x = ctx.input(0)
+    r = ctx.rank(x)
+    axes = _axes(ctx, r)
+    if ctx.op == "ReduceMean" and axes == [r - 1] and r >= 2 and ctx.attr("keepdims", 1):
+        # a normalization's statistic (decomposed LayerNorm / RMSNorm over the hidden
+        # size): cutting is allowed, but changes the statistic, so it is never exact
+        y = ctx.output(0)
+        for k in range(r - 1):
+            ctx.tie(x, k, y, k)
+        ctx.ax(y, r - 1)
+        ctx.inexact(ctx.ax(x, r - 1), "statistics over the cut axis")
+        ctx.role(x, r - 1, "hidden")
+        return
+    _reduced(ctx, axes, "reduced over this axis")
 
 
 @rule("ArgMax", "ArgMin")
