@@ -23,6 +23,8 @@ shapes (batch 1), except ``dynamic_batch-ir`` whose batch dim is symbolic "N".
 
 from __future__ import annotations
 
+from corpus_registry import Registry
+
 import contextlib
 import functools
 import io
@@ -996,28 +998,6 @@ def _make_cases() -> list[Case]:
 
 
 CASES: list[Case] = _make_cases()
-_BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
-assert len(_BY_NAME) == len(CASES), "duplicate case names"
-
-
-def names(tag: str | None = None) -> list[str]:
-    """Case names, optionally only those carrying `tag`."""
-    return [c.name for c in CASES if tag is None or tag in c.tags]
-
-
-def case(name: str) -> Case:
-    return _BY_NAME[name]
-
-
-@functools.lru_cache(maxsize=None)
-def _build_cached(name: str) -> bytes:
-    return _BY_NAME[name].build().SerializeToString()
-
-
-def build(name: str) -> onnx.ModelProto:
-    """Build (once, cached) and return a fresh copy of the named model."""
-    if name not in _BY_NAME:
-        raise KeyError(f"unknown corpus case {name!r}; known: {sorted(_BY_NAME)}")
-    proto = onnx.ModelProto()
-    proto.ParseFromString(_build_cached(name))
-    return proto
+_REGISTRY = Registry(CASES, "corpus")
+_BY_NAME = _REGISTRY.by_name
+names, case, build = _REGISTRY.names, _REGISTRY.case, _REGISTRY.build

@@ -54,6 +54,8 @@ Usage::
 
 from __future__ import annotations
 
+from corpus_registry import Registry
+
 import contextlib
 import functools
 import io
@@ -574,28 +576,6 @@ def _make_cases() -> list[TCase]:
 
 
 TCASES: list[TCase] = _make_cases()
-_BY_NAME: dict[str, TCase] = {c.name: c for c in TCASES}
-assert len(_BY_NAME) == len(TCASES), "duplicate case names"
-
-
-def names(tag: str | None = None) -> list[str]:
-    """Case names, optionally only those carrying `tag`."""
-    return [c.name for c in TCASES if tag is None or tag in c.tags]
-
-
-def case(name: str) -> TCase:
-    return _BY_NAME[name]
-
-
-@functools.lru_cache(maxsize=None)
-def _build_cached(name: str) -> bytes:
-    return _BY_NAME[name].build().SerializeToString()
-
-
-def build(name: str) -> onnx.ModelProto:
-    """Build (once per process, cached) and return a fresh copy of the named model."""
-    if name not in _BY_NAME:
-        raise KeyError(f"unknown transformer corpus case {name!r}; known: {sorted(_BY_NAME)}")
-    proto = onnx.ModelProto()
-    proto.ParseFromString(_build_cached(name))
-    return proto
+_REGISTRY = Registry(TCASES, "transformer corpus")
+_BY_NAME = _REGISTRY.by_name
+names, case, build = _REGISTRY.names, _REGISTRY.case, _REGISTRY.build
