@@ -21,7 +21,8 @@ CRITERIA: dict[str, Callable[[Group, "CriterionContext"], np.ndarray]] = {}
 @dataclasses.dataclass
 class CriterionContext:
     rng: np.random.Generator
-    stats: Any = None
+    stats: Any = None  # passes.stats.Stats when calibration data was given
+    analysis: Any = None  # the model's Analysis
 
 
 def criterion(name: str):
@@ -36,18 +37,31 @@ def criterion(name: str):
 
 def get_criterion(name: str):
     if name not in CRITERIA:
-        _load_entry_points()
-    if name not in CRITERIA:
-        raise SurgeryError(f"unknown criterion '{name}' (known: {', '.join(sorted(CRITERIA))})")
+        known = _load_entry_points(name)
+        if name not in CRITERIA:
+            raise SurgeryError(f"unknown criterion '{name}' (known: {', '.join(sorted(set(CRITERIA) | known))})")
     return CRITERIA[name]
 
 
-def _load_entry_points() -> None:
+def _load_entry_points(name: str | None = None) -> set[str]:
+    """Load the ``surgery.criteria`` entry point called ``name`` (every one when None), so a
+    broken plugin only matters to whoever asks for it; returns every entry point's name."""
     from importlib.metadata import entry_points
 
+    names = set()
     for ep in entry_points(group="surgery.criteria"):
-        if ep.name not in CRITERIA:
-            CRITERIA[ep.name] = ep.load()
+        names.add(ep.name)
+        if ep.name not in CRITERIA and (name is None or ep.name == name):
+            try:
+                CRITERIA[ep.name] = ep.load()
+            except Exception as e:  # noqa: BLE001 - a broken plugin is the user's one-line error
+                raise SurgeryError(f"criterion plugin '{ep.name}' ({ep.value}) failed to load: {e}") from e
+    return names
+
+
+def needs_stats(fn) -> str | None:
+    """What calibration statistics a criterion needs: None (data-free), "moments" or "gram"."""
+    return getattr(fn, "needs_stats", None)
 
 
 def per_index(group: Group, key: str, elementwise: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -71,3 +85,7 @@ def l1(group: Group, ctx: CriterionContext) -> np.ndarray:
 @criterion("random")
 def random(group: Group, ctx: CriterionContext) -> np.ndarray:
     return ctx.rng.random(len(group.atoms))
+
+
+# -- more criteria (bn-scale, fpgm, lamp; data-aware activation, wanda, flap, obs) --
+from surgery.passes import criteria_extra  # noqa: E402,F401  (registers them)

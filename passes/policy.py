@@ -19,20 +19,9 @@ def _round_keep(keep: int, n: int, unit: int, round_to: int) -> int:
     return min(ok, key=lambda k: (abs(k - keep), -k))
 
 
-def select(
-    groups: list[Group],
-    scores: dict[int, np.ndarray],
-    ratio: float | dict[int, float],
-    *,
-    global_rank: bool = False,
-    round_to: int = 1,
-    protected: set[int] = frozenset(),
-) -> dict[int, np.ndarray]:
-    """Group id -> removed atoms. ``ratio`` is the fraction of units removed per group
-    (a float, or one per group id; or of all units, ranked together, with
-    ``global_rank``); every group keeps >= 1."""
-    per = ratio if isinstance(ratio, dict) else {g.id: ratio for g in groups}
-    ratio = max(per.values(), default=0.0)
+def _candidates(groups: list[Group], scores: dict[int, np.ndarray], per: dict[int, float],
+                protected: set[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Group id -> (its unprotected units, their scores), for every prunable group asked for."""
     cand: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for g in groups:
         if not g.prunable or per.get(g.id, 0.0) <= 0:
@@ -41,26 +30,30 @@ def select(
         if mask.sum() == 0:
             continue
         cand[g.id] = (g.atoms[mask], np.asarray(scores[g.id], dtype=np.float64)[mask])
-    by_id = {g.id: g for g in groups}
-    n_remove: dict[int, int] = {}
-    if not global_rank:
-        for gid, (atoms, _) in cand.items():
-            n_remove[gid] = _cap(by_id[gid], len(atoms), math.floor(per[gid] * len(atoms) + 1e-9))
-    else:
-        pool = []
-        for gid, (atoms, sc) in cand.items():
-            norm = sc / (np.mean(sc) + 1e-12) if len(sc) else sc
-            pool.extend((float(s), gid) for s in norm)
-        pool.sort()
-        budget = math.floor(ratio * len(pool) + 1e-9)
-        taken: dict[int, int] = {gid: 0 for gid in cand}
-        for s, gid in pool:
-            if budget <= 0:
-                break
-            if taken[gid] < _cap(by_id[gid], len(cand[gid][0]), len(cand[gid][0])):
-                taken[gid] += 1
-                budget -= 1
-        n_remove = taken
+    return cand
+
+
+def _global_order(cand: dict[int, tuple[np.ndarray, np.ndarray]], by_id: dict[int, Group]) -> list[int]:
+    """The global ranking: scores normalized by their group's mean, all units sorted
+    together, lowest first; one entry (the group id) per unit taken, never a group's last."""
+    pool = []
+    for gid, (atoms, sc) in cand.items():
+        norm = sc / (np.mean(sc) + 1e-12) if len(sc) else sc
+        pool.extend((float(s), gid) for s in norm)
+    pool.sort()
+    taken: dict[int, int] = {gid: 0 for gid in cand}
+    caps = {gid: _cap(by_id[gid], len(cand[gid][0]), len(cand[gid][0])) for gid in cand}
+    order = []
+    for _, gid in pool:
+        if taken[gid] < caps[gid]:
+            taken[gid] += 1
+            order.append(gid)
+    return order
+
+
+def _finalize(cand: dict[int, tuple[np.ndarray, np.ndarray]], by_id: dict[int, Group],
+              n_remove: dict[int, int], round_to: int) -> dict[int, np.ndarray]:
+    """Counts per group -> the removed atoms: rounded to --round-to, never all, lowest first."""
     out = {}
     for gid, k in n_remove.items():
         atoms, sc = cand[gid]
@@ -75,6 +68,68 @@ def select(
         order = np.argsort(sc, kind="stable")
         out[gid] = np.sort(atoms[order[:k]])
     return out
+
+
+def select(
+    groups: list[Group],
+    scores: dict[int, np.ndarray],
+    ratio: float | dict[int, float],
+    *,
+    global_rank: bool = False,
+    round_to: int = 1,
+    protected: set[int] = frozenset(),
+) -> dict[int, np.ndarray]:
+    """Group id -> removed atoms. ``ratio`` is the fraction of units removed per group
+    (a float, or one per group id; or of all units, ranked together, with
+    ``global_rank``); every group keeps >= 1."""
+    per = ratio if isinstance(ratio, dict) else {g.id: ratio for g in groups}
+    ratio = max(per.values(), default=0.0)
+    cand = _candidates(groups, scores, per, protected)
+    by_id = {g.id: g for g in groups}
+    n_remove: dict[int, int] = {}
+    if not global_rank:
+        for gid, (atoms, _) in cand.items():
+            n_remove[gid] = _cap(by_id[gid], len(atoms), math.floor(per[gid] * len(atoms) + 1e-9))
+    else:
+        budget = math.floor(ratio * sum(len(a) for a, _ in cand.values()) + 1e-9)
+        n_remove = {gid: 0 for gid in cand}
+        for gid in _global_order(cand, by_id)[:budget]:
+            n_remove[gid] += 1
+    return _finalize(cand, by_id, n_remove, round_to)
+
+
+def select_target(
+    analysis,
+    scores: dict[int, np.ndarray],
+    kind: str,
+    wanted: float,
+    *,
+    eligible: dict[int, float] | None = None,
+    round_to: int = 1,
+    protected: set[int] = frozenset(),
+    info: dict | None = None,
+) -> dict[int, np.ndarray]:
+    """Group id -> removed atoms (as ``select`` returns) so that the kept ``kind``
+    ("params" or "flops") is at most ``wanted`` x the model's, removing units in the
+    global ranking (``select(..., global_rank=True)``) lowest first and no more than
+    needed; every group keeps >= 1 unit. ``eligible``: group id -> nonzero for the groups
+    that may lose units (default: all). ``info``, when given, receives how the target
+    was met (see passes/targets.py)."""
+    from surgery.passes.targets import search
+
+    groups = analysis.groups
+    per = eligible if eligible is not None else {g.id: 1.0 for g in groups}
+    cand = _candidates(groups, scores, per, protected)
+    by_id = {g.id: g for g in groups}
+    order = _global_order(cand, by_id)
+
+    def removal(m: int) -> dict[int, np.ndarray]:
+        n_remove = {gid: 0 for gid in cand}
+        for gid in order[:m]:
+            n_remove[gid] += 1
+        return _finalize(cand, by_id, n_remove, round_to)
+
+    return search(analysis, kind, wanted, order, cand, removal, info=info)
 
 
 def _cap(g: Group, n_free: int, want: int) -> int:

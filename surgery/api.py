@@ -73,10 +73,18 @@ def _protected(analysis: Analysis, keep: Iterable[str]) -> set[int]:
     return analysis.atoms_touching(axes) | atoms
 
 
+def _is_torch_module(obj) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")  # a module can only exist if torch was imported
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
 def prune(
     source,
+    example_inputs=None,
     *,
-    ratio: float = 0.5,
+    ratio: float | None = None,  # 0.5 unless a target is given
     criterion: str = "l2",
     global_rank: bool = False,
     round_to: int = 1,
@@ -89,6 +97,12 @@ def prune(
     hidden_ratio: float | None = None,
     head_dim_ratio: float = 0.0,
     gqa: str = "kv",
+    target_params: float | None = None,  # targets: passes/targets.py
+    target_flops: float | None = None,
+    calib=None,  # calibration: passes/stats.py
+    calib_samples: int | None = None,
+    calib_batch: int = 16,
+    compensate: str | None = None,  # compensation: passes/compensate.py
 ) -> Result:
     """Remove ``ratio`` of the units of every prunable group (channels, heads, ...), lowest
     ``criterion`` score first. ``ratio`` counts units, not parameters.
@@ -97,9 +111,30 @@ def prune(
     (units between two linear layers; default ``ratio``), ``hidden_ratio`` (the residual
     stream, inexact; default ``ratio``), ``head_dim_ratio`` (channels inside every head;
     default 0). ``gqa="kv"`` removes whole key/value heads with the query heads that
-    share them; ``gqa="query"`` removes query heads evenly from every key/value group."""
+    share them; ``gqa="query"`` removes query heads evenly from every key/value group.
+
+    ``target_params`` / ``target_flops`` (instead of ``ratio``): the fraction of parameters
+    or FLOPs KEPT; units go in the global ranking until it is reached (passes/targets.py),
+    and ``report["target"]`` says how close it came.
+
+    ``calib``: calibration data (an .npz path, a dict of arrays whose first axis indexes
+    samples, or an iterable of input dicts; passes/stats.py), required by the data-aware
+    criteria (``activation``, ``wanda``, ``flap``, ``obs``) and by ``compensate`` ("bias"
+    or "lstsq": re-fit the consumers of removed channels, passes/compensate.py; the
+    uncompensated cut is what ``report["verify"]`` checks). ``calib_samples`` caps the
+    samples used, ``calib_batch`` the samples per onnxruntime run."""
+    if compensate is not None and _is_torch_module(source):  # calibration
+        raise SurgeryError("compensate= is not supported for PyTorch modules: the torch backend maps only the cut back")
+    if _is_torch_module(source):  # PyTorch in and out (surgery.torch_api)
+        kwargs = {k: v for k, v in locals().items() if k not in ("source", "example_inputs")}
+        from surgery.torch_api import prune_module
+
+        return prune_module(source, example_inputs, **kwargs)
+    if example_inputs is not None:
+        raise SurgeryError("example_inputs is for PyTorch modules; an ONNX model declares its inputs")
     from surgery.passes.criteria import CriterionContext, get_criterion
-    from surgery.passes.policy import select
+    from surgery.passes import targets
+    from surgery.passes.policy import select, select_target
 
     for flag, r in (("ratio", ratio), ("head-ratio", head_ratio), ("mlp-ratio", mlp_ratio),
                     ("hidden-ratio", hidden_ratio), ("head-dim-ratio", head_dim_ratio)):
@@ -109,11 +144,25 @@ def prune(
         raise SurgeryError(f"--gqa must be 'kv' or 'query', got {gqa!r}")
     if round_to < 1:
         raise SurgeryError(f"--round-to must be >= 1, got {round_to}")
+    target = targets.parse(ratio, target_params, target_flops)  # targets: kept fraction instead of a ratio
+    ratio = 1.0 if target else (0.5 if ratio is None else ratio)  # targets: 1.0 = the group may lose units
     crit = get_criterion(criterion)
+    need, cal = _calibration_checks(crit, criterion, calib, compensate)  # calibration
     analysis, t, t0 = _load_and_analyze(source, input_shapes)
+    # --- calibration: statistics for data-aware criteria (passes/stats.py) ---
+    stats = None
+    if calib is not None:
+        from surgery.passes.stats import as_calibration, collect
+
+        cal = as_calibration(calib, analysis.model, samples=calib_samples, batch=calib_batch)
+        if need:
+            t1 = time.perf_counter()
+            stats = collect(analysis, cal, [g for g in analysis.groups if g.prunable], gram=need == "gram")
+            t["calibrate"] = time.perf_counter() - t1
+    # --- end calibration ---
     t1 = time.perf_counter()
     protected = _protected(analysis, keep)
-    ctx = CriterionContext(rng=np.random.default_rng(seed))
+    ctx = CriterionContext(rng=np.random.default_rng(seed), stats=stats, analysis=analysis)
     scores = {g.id: crit(g, ctx) for g in analysis.groups if g.prunable}
     head = ratio if head_ratio is None else head_ratio
     # multi-query attention has one key/value head: only its query heads can go
@@ -124,9 +173,30 @@ def prune(
         "hidden": ratio if hidden_ratio is None else hidden_ratio, "channel": ratio,
     }
     ratios = {g.id: by_kind[g.kind] for g in analysis.groups}
-    removed = select(analysis.groups, scores, ratios, global_rank=global_rank, round_to=round_to, protected=protected)
+    if target:  # targets: global ranking until the kept params/FLOPs reach the target
+        removed = select_target(analysis, scores, target.kind, target.wanted, eligible=ratios, round_to=round_to,
+                                protected=protected, info=target.info)
+    else:
+        removed = select(analysis.groups, scores, ratios, global_rank=global_rank, round_to=round_to, protected=protected)
     t["plan"] = time.perf_counter() - t1
-    return _execute(analysis, removed, t, t0, seed, input_shapes, verify_result)
+    return targets.finish(_execute(analysis, removed, t, t0, seed, input_shapes, verify_result,
+                                   calib=cal if (need or compensate) else None, compensate=compensate), target)
+
+
+def _calibration_checks(crit, name: str, calib, compensate):
+    """(the statistics the criterion needs, None): data-aware criteria and compensation
+    need calibration data, and never fall back to random inputs."""
+    from surgery.passes.criteria import needs_stats
+
+    need = needs_stats(crit)
+    if compensate is not None and compensate not in ("bias", "lstsq"):
+        raise SurgeryError(f"--compensate must be 'bias' or 'lstsq', got {compensate!r}")
+    if need and calib is None:
+        raise SurgeryError(f"criterion '{name}' is data-aware: it needs calibration data (--calib data.npz, "
+                           f"or calib= in the API); surgery never scores it on random inputs")
+    if compensate and calib is None:
+        raise SurgeryError(f"--compensate {compensate} needs calibration data (--calib data.npz, or calib= in the API)")
+    return need, None
 
 
 def apply(source, plan, *, seed: int = 0, input_shapes=None, verify_result: bool = True) -> Result:
@@ -151,7 +221,7 @@ def _load_and_analyze(source, input_shapes) -> tuple[Analysis, dict, float]:
 
 
 def _execute(analysis: Analysis, removed: dict[int, np.ndarray], t: dict, t0: float, seed: int,
-             input_shapes, verify_result: bool) -> Result:
+             input_shapes, verify_result: bool, *, calib=None, compensate: str | None = None) -> Result:
     from surgery.frontends.onnx_loader import concrete_input_shapes
     from surgery.passes.cut import apply_cut
 
@@ -160,12 +230,20 @@ def _execute(analysis: Analysis, removed: dict[int, np.ndarray], t: dict, t0: fl
     params_before, flops_before = count_params(model), count_flops(model)
     t1 = time.perf_counter()
     plan = build_plan(analysis, removed)
-    if verify_result:
+    if verify_result or compensate:
         # verification runs from memory: relative external-data paths must not matter
         ir.external_data.load_to_model(model)
-    original = ir.to_proto(model) if verify_result else None
+    original = ir.to_proto(model) if (verify_result or compensate) else None
     all_atoms = np.concatenate([a for a in removed.values()]) if removed else np.zeros(0, np.int64)
-    apply_cut(analysis, analysis.removed_indices(all_atoms))
+    removed_idx = analysis.removed_indices(all_atoms)
+    comp = None
+    if compensate:  # compensation: the original consumers' input statistics, before the cut
+        from surgery.passes.compensate import prepare
+
+        t1c = time.perf_counter()
+        comp = prepare(analysis, removed_idx, calib, compensate)
+        t["compensate"] = time.perf_counter() - t1c
+    apply_cut(analysis, removed_idx)
     t["emit"] = time.perf_counter() - t1
     inexact = sorted({g.inexact_reason for g in analysis.groups if g.id in removed and g.inexact_reason})
     result_v = VerifyResult(None, None, "not verified (--no-verify)")
@@ -179,6 +257,22 @@ def _execute(analysis: Analysis, removed: dict[int, np.ndarray], t: dict, t0: fl
         feeds = random_feeds(model, shapes, seed)
         result_v = verify(original, pruned, plan.tensor_cuts(), feeds, "; ".join(inexact) or None)
         t["verify"] = time.perf_counter() - t1
+    # --- compensation: after verifying the uncompensated cut (report["verify"] is about the cut alone) ---
+    comp_report, comp_diff = None, None
+    if comp is not None:
+        from surgery.passes.compensate import output_diffs
+
+        t1 = time.perf_counter()
+        uncompensated = ir.to_proto(model)
+        comp_report = comp.apply(model)
+        compensated = ir.to_proto(model)
+        try:
+            onnx.checker.check_model(compensated)
+        except onnx.checker.ValidationError as e:
+            raise SurgeryError(f"internal error: the compensated model fails onnx.checker: {str(e).splitlines()[0]}") from e
+        comp_report["uncompensated_output_diff"], comp_diff = output_diffs(original, [uncompensated, compensated], calib)
+        t["compensate"] = t.get("compensate", 0.0) + time.perf_counter() - t1
+    # --- end compensation ---
     groups = analysis.groups
     report = {
         "params_before": params_before,
@@ -195,4 +289,9 @@ def _execute(analysis: Analysis, removed: dict[int, np.ndarray], t: dict, t0: fl
         "pruned_by_kind": {k: sum(len(removed[g.id]) for g in groups if g.id in removed and g.kind == k)
                            for k in sorted({g.kind for g in groups})},
     }
+    if calib is not None:  # calibration
+        report["calibration"] = calib.summary()
+    if comp_report is not None:
+        report["compensation"] = comp_report
+        report["compensated_output_diff"] = comp_diff
     return Result(model, plan, report, analysis)

@@ -107,6 +107,11 @@ def _summary(console: Console, rep: dict, out: Path) -> None:
     else:
         mark = {True: "[green]exact[/]", False: "[red]NOT exact[/]", None: "[yellow]not exact by construction[/]"}[v["exact"]]
         console.print(f"verify: {mark}, max |diff| {v['max_abs_diff']:.3g} ({v['why']})", highlight=False)
+    if "compensation" in rep:  # calibration
+        c = rep["compensation"]
+        console.print(f"compensation ({c['mode']}): {len(c['applied'])} layers re-fitted, {len(c['skipped'])} skipped; "
+                      f"max |output diff| vs the original on the calibration data {c['uncompensated_output_diff']:.3g} "
+                      f"-> {rep['compensated_output_diff']:.3g}", highlight=False)
     tm = rep.get("timings", {})
     console.print("seconds: " + ", ".join(f"{k} {s:.2f}" for k, s in tm.items()) + f", total {rep['seconds']:.2f}")
 
@@ -127,9 +132,15 @@ def _finish(result, model: Path, out: Path, report: Optional[Path], plan: Option
 @app.command()
 def prune(
     model: Path = typer.Argument(..., help="Input ONNX model (never modified)."),
-    ratio: float = typer.Option(0.5, "--ratio", "-r", help="Fraction of UNITS (channels, heads, MLP units) removed "
-                                "from every prunable group, in [0, 1). Not a fraction of parameters."),
-    criterion: str = typer.Option("l2", "--criterion", "-c", help="Importance criterion: l1, l2, random, or a plugin."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", "-r", help="Fraction of UNITS (channels, heads, MLP units) "
+                                          "removed from every prunable group, in [0, 1); default 0.5 unless a "
+                                          "--target-* is given. Not a fraction of parameters."),
+    target_params: Optional[float] = typer.Option(None, "--target-params", help="Instead of --ratio: fraction of "
+                                                  "PARAMETERS kept, in (0, 1]; units go in the global ranking."),
+    target_flops: Optional[float] = typer.Option(None, "--target-flops", help="Instead of --ratio: fraction of FLOPs "
+                                                 "kept, in (0, 1]; units go in the global ranking."),
+    criterion: str = typer.Option("l2", "--criterion", "-c", help="Importance criterion: l1, l2, random, bn-scale, "
+                                  "fpgm, lamp; with --calib: activation, wanda, flap, obs; or a plugin."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output model (default: MODEL.pruned.onnx)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the report as JSON."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Write the plan (what was removed) as JSON."),
@@ -151,6 +162,15 @@ def prune(
                                           "symbolic dims default to 1."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip onnxruntime verification."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary (for CI)."),
+    # -- calibration (passes/stats.py, passes/compensate.py) --
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data: .npz with one array per graph "
+                                         "input name, first axis = samples (needed by data-aware criteria and "
+                                         "--compensate)."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Use at most N calibration samples."),
+    compensate: Optional[str] = typer.Option(None, "--compensate", help="After the verified cut, re-fit the layers "
+                                             "reading removed channels: 'bias' (fold their mean into the bias) or "
+                                             "'lstsq' (least-squares re-fit); only where it lowers the held-back "
+                                             "error."),
 ):
     """Prune MODEL and write a smaller dense model, verified against the original."""
     from surgery import api
@@ -161,7 +181,10 @@ def prune(
             result = api.prune(str(model), ratio=ratio, criterion=criterion, global_rank=global_rank,
                                round_to=round_to, keep=keep, seed=seed, input_shapes=_shapes(input_shape),
                                verify_result=not no_verify, head_ratio=head_ratio, mlp_ratio=mlp_ratio,
-                               hidden_ratio=hidden_ratio, head_dim_ratio=head_dim_ratio, gqa=gqa)
+                               hidden_ratio=hidden_ratio, head_dim_ratio=head_dim_ratio, gqa=gqa,
+                               target_params=target_params, target_flops=target_flops,
+                               calib=None if calib is None else str(calib), calib_samples=calib_samples,
+                               compensate=compensate)
         _finish(result, model, out, report, plan, quiet)
     except SurgeryError as e:
         _fail(str(e))
@@ -224,6 +247,10 @@ def analyze(
         t.add_row(str(r["id"]), r["name"], r["kind"], f"{r['prunable_units']}/{r['units']}", str(r["unit"]),
                   f"[{style}]{r['status']}[/]", why)
     Console().print(t)
+
+
+from surgery.sensitivity import sensitivity_command  # noqa: E402  (surgery sensitivity: surgery/sensitivity.py)
+app.command("sensitivity")(sensitivity_command)
 
 
 class _status:
