@@ -33,12 +33,14 @@ def _candidates(groups: list[Group], scores: dict[int, np.ndarray], per: dict[in
     return cand
 
 
-def _global_order(cand: dict[int, tuple[np.ndarray, np.ndarray]], by_id: dict[int, Group]) -> list[int]:
-    """The global ranking: scores normalized by their group's mean, all units sorted
+def _global_order(cand: dict[int, tuple[np.ndarray, np.ndarray]], by_id: dict[int, Group],
+                  comparable: bool = False) -> list[int]:
+    """The global ranking: scores normalized by their group's mean (unless the criterion
+    already makes them comparable across groups, as lamp and flap do), all units sorted
     together, lowest first; one entry (the group id) per unit taken, never a group's last."""
     pool = []
     for gid, (atoms, sc) in cand.items():
-        norm = sc / (np.mean(sc) + 1e-12) if len(sc) else sc
+        norm = sc if comparable else (sc / (np.mean(sc) + 1e-12) if len(sc) else sc)
         pool.extend((float(s), gid) for s in norm)
     pool.sort()
     taken: dict[int, int] = {gid: 0 for gid in cand}
@@ -78,6 +80,7 @@ def select(
     global_rank: bool = False,
     round_to: int = 1,
     protected: set[int] = frozenset(),
+    comparable: bool = False,
 ) -> dict[int, np.ndarray]:
     """Group id -> removed atoms. ``ratio`` is the fraction of units removed per group
     (a float, or one per group id; or of all units, ranked together, with
@@ -93,7 +96,7 @@ def select(
     else:
         budget = math.floor(ratio * sum(len(a) for a, _ in cand.values()) + 1e-9)
         n_remove = {gid: 0 for gid in cand}
-        for gid in _global_order(cand, by_id)[:budget]:
+        for gid in _global_order(cand, by_id, comparable)[:budget]:
             n_remove[gid] += 1
     return _finalize(cand, by_id, n_remove, round_to)
 
@@ -108,6 +111,7 @@ def select_target(
     round_to: int = 1,
     protected: set[int] = frozenset(),
     info: dict | None = None,
+    comparable: bool = False,
 ) -> dict[int, np.ndarray]:
     """Group id -> removed atoms (as ``select`` returns) so that the kept ``kind``
     ("params" or "flops") is at most ``wanted`` x the model's, removing units in the
@@ -121,7 +125,7 @@ def select_target(
     per = eligible if eligible is not None else {g.id: 1.0 for g in groups}
     cand = _candidates(groups, scores, per, protected)
     by_id = {g.id: g for g in groups}
-    order = _global_order(cand, by_id)
+    order = _global_order(cand, by_id, comparable)
 
     def removal(m: int) -> dict[int, np.ndarray]:
         n_remove = {gid: 0 for gid in cand}

@@ -175,9 +175,11 @@ def prune(
     ratios = {g.id: by_kind[g.kind] for g in analysis.groups}
     if target:  # targets: global ranking until the kept params/FLOPs reach the target
         removed = select_target(analysis, scores, target.kind, target.wanted, eligible=ratios, round_to=round_to,
+                                comparable=getattr(crit, "scores_comparable", False),
                                 protected=protected, info=target.info)
     else:
-        removed = select(analysis.groups, scores, ratios, global_rank=global_rank, round_to=round_to, protected=protected)
+        removed = select(analysis.groups, scores, ratios, global_rank=global_rank, round_to=round_to, protected=protected,
+                         comparable=getattr(crit, "scores_comparable", False))
     t["plan"] = time.perf_counter() - t1
     return targets.finish(_execute(analysis, removed, t, t0, seed, input_shapes, verify_result,
                                    calib=cal if (need or compensate) else None, compensate=compensate), target)
