@@ -12,8 +12,12 @@ def __getattr__(name):  # lazy: `import surgery` stays cheap and torch-free
 
         return getattr(api, name)
     if name == "prune_module":  # needs torch, imported only when asked for
-        from surgery.torch_api import prune_module
-
+        try:
+            from surgery.torch_api import prune_module
+        except ModuleNotFoundError as e:
+            if e.name != "torch":
+                raise
+            raise SurgeryError("pruning a PyTorch module needs PyTorch: pip install 'surgery[torch]'") from e
         return prune_module
     if name == "criterion":
         from surgery.passes.criteria import criterion
