@@ -9,13 +9,24 @@ Public API
     and ``requires_grad`` preserved; a parameter is replaced by a new
     ``nn.Parameter``, under every name that shares it), then every module whose
     subtree lost something is updated, children first, by the rule registered for
-    its type (:func:`register_module_rule`, looked up along the MRO). Modules without
-    a rule get :func:`update_transformer_attributes` (``num_heads``, ``head_dim``,
-    ``intermediate_size``... where they exist). A rule raises
+    its type (:func:`register_module_rule`, looked up along the MRO; classes of optional
+    packages by qualified name, e.g. transformers' ``Conv1D``, GPT-2's transposed
+    linear layer: ``nf``/``nx``). Modules without a rule get
+    :func:`update_transformer_attributes`: attention with q/k/v/o child Linears
+    (:func:`attention_rule`: BERT, Llama with GQA...) or with a fused q|k|v projection
+    (:func:`fused_attention_rule`: GPT-2's ``c_attn`` + ``split_size``), whole heads
+    only, ``head_dim`` never changes; MLPs (``intermediate_size``, GPT-2's ``c_fc``,
+    BERT's ``*Intermediate.dense``). Rules vote for the root's ``config``
+    (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
+    ``intermediate_size``; a vote lands on an alias the config has, e.g. GPT-2's
+    ``n_inner``/``n_head``); a cut of the token embedding's width
+    (``get_input_embeddings()``) votes ``hidden_size`` and updates every
+    ``hidden_size``/``embed_dim`` attribute that stated the old width. A key is set
+    when every layer agrees (``Applied.config``), else left as is
+    (``Applied.conflicts``, ``Applied.notes``). A rule raises
     :class:`NotRepresentable` when the module cannot express the cut (then nothing
     is left half-changed: everything done so far is undone). ``Applied.undo()``
-    restores the module; ``Applied.notes`` lists what could not be updated (a shared
-    ``config`` whose layers disagree).
+    restores the module.
 
 ``register_module_rule(*classes)(fn)``
     ``fn(module, cut: ModuleCut)`` updates the module's attributes after its tensors
@@ -65,6 +76,9 @@ __all__ = [
     "attention_rule",
     "heads_after",
     "is_attention",
+    "is_conv1d",
+    "is_fused_attention",
+    "fused_attention_rule",
     "update_transformer_attributes",
 ]
 
@@ -95,6 +109,9 @@ def rule_for(cls: type) -> Callable | None:
     for k in cls.__mro__:
         if k in _RULES:
             return _RULES[k]
+        named = _NAMED_RULES.get(f"{k.__module__}.{k.__qualname__}")
+        if named is not None:
+            return named
     return None
 
 
@@ -324,15 +341,59 @@ _K = ("k_proj", "key", "k", "wk", "k_lin")
 _V = ("v_proj", "value", "v", "wv", "v_lin")
 _O = ("o_proj", "out_proj", "wo", "out_lin")
 _UP = ("up_proj", "fc1", "w1", "lin1", "c_fc")
+_FUSED = ("c_attn",)  # GPT-2 style fused q|k|v projection
+_FUSED_O = ("c_proj", "o_proj", "out_proj")
 _HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _KV_HEADS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
 _HEAD_DIM = ("head_dim", "attention_head_size", "head_size")
+# config keys a vote may land on when the config lacks the voted key (first present wins)
+CONFIG_ALIASES = {
+    "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim", "d_ff"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "n_heads", "num_heads"),
+    "num_key_value_heads": ("num_key_value_heads", "n_kv_heads", "num_kv_heads"),
+    "head_dim": ("head_dim",),
+}
 
 
-def _child(m, names):
+def is_conv1d(c) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer with weight [nx, nf] (transposed)."""
+    return (isinstance(c, nn.Module) and isinstance(getattr(c, "nf", None), int)
+            and isinstance(getattr(c, "nx", None), int) and isinstance(getattr(c, "weight", None), torch.Tensor)
+            and c.weight.dim() == 2)
+
+
+def _out_axis(c) -> int:
+    """The weight axis that indexes the output features (Conv1D is transposed)."""
+    return 1 if is_conv1d(c) else 0
+
+
+def _in_axis(c) -> int:
+    return 0 if is_conv1d(c) else 1
+
+
+def _out_features(c) -> int:
+    return int(c.weight.shape[_out_axis(c)])
+
+
+def _conv1d_rule(m, cut: ModuleCut) -> None:
+    cut.set("nf", int(m.weight.shape[1]))
+    cut.set("nx", int(m.weight.shape[0]))
+    b = getattr(m, "bias", None)
+    if isinstance(b, torch.Tensor) and b.shape[0] != m.nf:
+        cut.fail(f"bias has {b.shape[0]} entries for {m.nf} output features")
+
+
+# rules for classes of optional packages, by qualified class name (no import needed)
+_NAMED_RULES: dict[str, Callable] = {
+    "transformers.pytorch_utils.Conv1D": _conv1d_rule,
+    "transformers.modeling_utils.Conv1D": _conv1d_rule,
+}
+
+
+def _child(m, names, *, conv1d: bool = False):
     for n in names:
         c = getattr(m, n, None)
-        if isinstance(c, nn.Linear):
+        if isinstance(c, nn.Linear) or (conv1d and is_conv1d(c)):
             return n, c
     return None, None
 
@@ -345,10 +406,18 @@ def _attr(m, names):
     return None, None
 
 
+def is_fused_attention(m) -> bool:
+    """A GPT-2 style attention: a fused q|k|v projection child (``c_attn``, Conv1D or
+    Linear), an int ``split_size`` and a heads or head_dim attribute."""
+    return (_child(m, _FUSED, conv1d=True)[1] is not None and isinstance(getattr(m, "split_size", None), int)
+            and (_attr(m, _HEADS)[0] is not None or _attr(m, _HEAD_DIM)[0] is not None))
+
+
 def is_attention(m) -> bool:
-    """A transformers-style attention: a query projection child and a heads or head_dim
-    attribute."""
-    return _child(m, _Q)[1] is not None and (_attr(m, _HEADS)[0] is not None or _attr(m, _HEAD_DIM)[0] is not None)
+    """A transformers-style attention: a query projection child (or a fused q|k|v one,
+    :func:`is_fused_attention`) and a heads or head_dim attribute."""
+    return ((_child(m, _Q)[1] is not None and (_attr(m, _HEADS)[0] is not None or _attr(m, _HEAD_DIM)[0] is not None))
+            or is_fused_attention(m))
 
 
 def heads_after(cut: ModuleCut, proj: str, heads: int, head_dim: int) -> tuple[int, np.ndarray]:
@@ -368,7 +437,10 @@ def attention_rule(m, cut: ModuleCut) -> None:
     """Whole-head pruning of a transformers-style attention (q/k/v/o projections as
     child Linears, ``head_dim`` or a heads count as attributes; GQA allowed). Updates
     ``num_heads``-like, ``num_key_value_heads``-like, ``all_head_size`` and
-    ``num_key_value_groups`` attributes where they exist, and votes for ``config``."""
+    ``num_key_value_groups`` attributes where they exist, and votes for ``config``
+    (``num_attention_heads``, ``num_key_value_heads``, and ``head_dim``, which never
+    changes: a config that derives it from ``hidden_size / num_attention_heads`` must
+    now state it)."""
     qn, _ = _child(m, _Q)
     kn, k = _child(m, _K)
     vn, v = _child(m, _V)
@@ -391,6 +463,8 @@ def attention_rule(m, cut: ModuleCut) -> None:
                 cut.fail(f"the cut removes key heads {kv_gone.tolist()} but value heads {v_gone.tolist()}")
     if o is not None and not np.array_equal(cut.removed(f"{on}.weight", 1), cut.removed(f"{qn}.weight", 0)):
         cut.fail(f"'{on}' loses other input features than '{qn}' loses outputs")
+    if not h_new:
+        cut.fail("the cut removes every head")
     if not kv_new or h_new % kv_new:
         cut.fail(f"{h_new} query heads do not share {kv_new} key/value heads evenly")
     if k is not None and KV and H % KV == 0:  # each kept query head still reads its own kv head
@@ -409,24 +483,89 @@ def attention_rule(m, cut: ModuleCut) -> None:
     if isinstance(getattr(m, "num_key_value_groups", None), int):
         cut.set("num_key_value_groups", int(h_new // kv_new))
     cut.vote("num_attention_heads", int(h_new))
+    cut.vote("head_dim", int(D))
     if k is not None and KV != H:
         cut.vote("num_key_value_heads", int(kv_new))
 
 
+def fused_attention_rule(m, cut: ModuleCut) -> None:
+    """Whole-head pruning of a GPT-2 style attention (:func:`is_fused_attention`): the
+    fused projection's outputs are [q | k | v], ``split_size`` features each, in heads of
+    ``head_dim``; q, k and v must lose the same whole heads, and the output projection
+    (``c_proj``) the value features. Updates the heads count and ``split_size``
+    (``head_dim`` and ``embed_dim``, the model width, stay), and votes for ``config``."""
+    fn, f = _child(m, _FUSED, conv1d=True)
+    hn, H = _attr(m, _HEADS)
+    dn, D = _attr(m, _HEAD_DIM)
+    S = int(m.split_size)
+    oax = _out_axis(f)
+    width = cut.old_shape(f"{fn}.weight")[oax]
+    rem = cut.removed(f"{fn}.weight", oax)
+    if not len(rem):
+        return
+    if width != 3 * S:
+        cut.fail(f"'{fn}' has {width} outputs, not query, key and value of split_size {S} (cross-attention)")
+    if D is None:
+        D = S // H
+    H = S // D
+    parts = [rem[(rem >= i * S) & (rem < (i + 1) * S)] - i * S for i in range(3)]
+    gone = []
+    for what, p in zip(("query", "key", "value"), parts):
+        per = np.bincount(p // D, minlength=H)
+        if ((per != 0) & (per != D)).any():
+            cut.fail(f"the cut shrinks the head_dim of the {what} part of '{fn}' ({D} -> "
+                     f"{sorted(set((D - per[(per != 0) & (per != D)]).tolist()))}); the module keeps one head_dim, "
+                     f"so only whole heads can go")
+        gone.append(np.unique(p // D))
+    if not (np.array_equal(gone[0], gone[1]) and np.array_equal(gone[0], gone[2])):
+        cut.fail(f"the cut removes query heads {gone[0].tolist()}, key heads {gone[1].tolist()} and value heads "
+                 f"{gone[2].tolist()} of '{fn}'; the module keeps one set of heads for all three")
+    on, o = _child(m, _FUSED_O, conv1d=True)
+    if o is not None and not np.array_equal(cut.removed(f"{on}.weight", _in_axis(o)), parts[2]):
+        cut.fail(f"'{on}' loses other input features than the value part of '{fn}' loses outputs")
+    h_new = H - len(gone[0])
+    if not h_new:
+        cut.fail("the cut removes every head")
+    if hn is not None:
+        cut.set(hn, int(h_new))
+    cut.set("split_size", int(h_new * D))
+    cut.vote("num_attention_heads", int(h_new))
+    cut.vote("head_dim", int(D))
+
+
+def _mlp_up(m):
+    """The up projection of an MLP module whose width a config states: a module with an
+    ``intermediate_size``, a GPT-2 MLP (``c_fc`` Conv1D), or a BERT-style
+    ``*Intermediate`` module (``dense``)."""
+    name, up = _child(m, _UP, conv1d=True)
+    if up is not None and (isinstance(getattr(m, "intermediate_size", None), int) or (name == "c_fc" and is_conv1d(up))):
+        return name, up
+    if type(m).__name__.endswith("Intermediate"):
+        return _child(m, ("dense",))
+    return None, None
+
+
 def update_transformer_attributes(m, cut: ModuleCut) -> None:
     """Default for modules without a rule. Attention modules (:func:`is_attention`) go
-    through :func:`attention_rule`; MLP modules with an ``intermediate_size`` follow
-    their up projection. This is the extension point for transformers' classes:
+    through :func:`attention_rule` or :func:`fused_attention_rule`; MLP modules
+    (:func:`_mlp_up`) follow their up projection (``intermediate_size`` attribute, and
+    a vote for ``config.intermediate_size`` or its alias, e.g. GPT-2's ``n_inner``).
+    This is the extension point for transformers' classes:
     ``register_module_rule(MyAttention)(fn)`` replaces it; ``fn`` receives the module
     and the cut, and :func:`heads_after` gives the head counts."""
-    if is_attention(m):
+    if is_fused_attention(m):
+        names = {_child(m, _FUSED, conv1d=True)[0], _child(m, _FUSED_O, conv1d=True)[0]} - {None}
+        if any(k.split(".")[0] in names for k in cut.cuts):
+            fused_attention_rule(m, cut)
+    elif is_attention(m):
         names = {_child(m, n)[0] for n in (_Q, _K, _V, _O)} - {None}
         if any(k.split(".")[0] in names for k in cut.cuts):
             attention_rule(m, cut)
-    _, up = _child(m, _UP)
-    if up is not None and isinstance(getattr(m, "intermediate_size", None), int):
-        cut.set("intermediate_size", int(up.out_features))
-        cut.vote("intermediate_size", int(up.out_features))
+    un, up = _mlp_up(m)
+    if up is not None and any(k.startswith(f"{un}.") for k in cut.cuts):
+        if isinstance(getattr(m, "intermediate_size", None), int):
+            cut.set("intermediate_size", _out_features(up))
+        cut.vote("intermediate_size", _out_features(up))
 
 
 # --------------------------------------------------------------------------- #
@@ -439,6 +578,8 @@ class Applied:
     undo_log: list
     notes: list[str]
     changed: dict[str, dict]  # module name -> {attr: (old, new)}
+    config: dict = dataclasses.field(default_factory=dict)  # root.config key -> (old, new)
+    conflicts: dict = dataclasses.field(default_factory=dict)  # config key -> the differing layer values
 
     def undo(self) -> None:
         for entry in reversed(self.undo_log):
@@ -489,6 +630,41 @@ def _slice(t: torch.Tensor, cuts) -> torch.Tensor:
             raise SurgeryError(f"cut indices out of range for axis {axis} of a tensor of shape {list(t.shape)}")
         new = new.index_select(axis, torch.as_tensor(keep, dtype=torch.long, device=t.device))
     return new.contiguous()
+
+
+def _input_embedding_width(root: nn.Module, applied: Applied) -> tuple[int, int] | None:
+    """(old, new) width of a transformers model's token embedding
+    (``get_input_embeddings()``) when the cut changed it: the model's ``hidden_size``."""
+    get = getattr(root, "get_input_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        emb = get()
+    except Exception:  # noqa: BLE001 - not every model implements it
+        return None
+    if not isinstance(emb, nn.Embedding):
+        return None
+    name = next((n for n, m in root.named_modules() if m is emb), None)
+    if name is None or "embedding_dim" not in applied.changed.get(name, {}):
+        return None
+    old, new = applied.changed[name]["embedding_dim"]
+    return int(old), int(new)
+
+
+_WIDTH_ATTRS = ("hidden_size", "embed_dim", "d_model", "n_embd")
+
+
+def _set_width_attributes(root: nn.Module, width: tuple[int, int], undo: list, applied: Applied) -> None:
+    """The model width went ``old -> new``: every submodule attribute that states it
+    (``hidden_size``, ``embed_dim``... equal to ``old``) follows."""
+    old, new = width
+    for name, mod in root.named_modules():
+        for a in _WIDTH_ATTRS:
+            v = mod.__dict__.get(a)
+            if type(v) is int and v == old:
+                undo.append(("attr", mod, a, v))
+                setattr(mod, a, new)
+                applied.changed.setdefault(name, {})[a] = (old, new)
 
 
 def apply_module_cuts(root: nn.Module, cuts: TensorCuts, *, name_prefix: str = "") -> Applied:
@@ -551,15 +727,24 @@ def apply_module_cuts(root: nn.Module, cuts: TensorCuts, *, name_prefix: str = "
                 for key, vals in mc.votes.items():
                     config_votes.setdefault(key, set()).update(vals)
             cfg = getattr(root, "config", None)
+            width = _input_embedding_width(root, applied)
+            if cfg is not None and width is not None:  # the model width (residual stream) was cut
+                config_votes.setdefault("hidden_size", set()).add(width[1])
+                _set_width_attributes(root, width, undo, applied)
             if cfg is not None and config_votes:
-                for key, vals in config_votes.items():
-                    if not hasattr(cfg, key):
+                for vote, vals in config_votes.items():
+                    key = next((k for k in CONFIG_ALIASES.get(vote, (vote,)) if hasattr(cfg, k)), None)
+                    if key is None:
                         continue
                     if len(vals) == 1:
                         v = next(iter(vals))
-                        undo.append(("attr", cfg, key, getattr(cfg, key)))
-                        setattr(cfg, key, v)
+                        old = getattr(cfg, key)
+                        if old != v:
+                            undo.append(("attr", cfg, key, old))
+                            setattr(cfg, key, v)
+                            applied.config[key] = (old, v)
                     else:
+                        applied.conflicts[key] = sorted(vals)
                         applied.notes.append(f"config.{key} left as is: layers now differ ({sorted(vals)})")
     except Exception:
         applied.undo()

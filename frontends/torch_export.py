@@ -11,7 +11,12 @@ Public API
     parameter, buffer and tensor attribute is an initializer named by its qualified
     name (``layer1.0.conv1.weight``); constants built in ``forward`` become
     ``Constant`` nodes. The export is deterministic (same module, same inputs, same
-    bytes) and the returned proto has all data embedded.
+    bytes) and the returned proto has all data embedded. Three rewrites follow, so the
+    channel analysis sees what the module computes: ``CastLike`` of a constant folded
+    (:func:`fold_castlike`), the zero bias of a bias-free conv dropped
+    (:func:`drop_zero_bias`), and ``torch.split`` (``SplitToSequence`` read by constant
+    ``SequenceAt``: GPT-2's fused q|k|v) turned into one ``Split``
+    (:func:`split_sequences`).
 
 ``TorchMap(proto, module)``
     Where every weight of the exported model comes from in the module:
@@ -138,7 +143,95 @@ def export_module(module, example_inputs, *, dynamic_shapes=None) -> onnx.ModelP
         proto = prog.model_proto
     fold_castlike(proto)
     drop_zero_bias(proto)
+    split_sequences(proto)
     return proto
+
+
+def split_sequences(proto: onnx.ModelProto) -> int:
+    """Rewrite ``SplitToSequence(x, sizes)`` whose every use is ``SequenceAt(seq, i)``
+    with a constant ``i`` into one ``Split`` (what ``torch.split`` exports as without the
+    exporter's optimizer; GPT-2 splits its fused q|k|v projection so). The channel
+    analysis has a rule for Split, none for sequences: without this, the heads behind
+    the split are blocked. Needs constant sizes and a static length of the split axis."""
+    g = proto.graph
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13 or not any(n.op_type == "SplitToSequence" for n in g.node):  # Split takes sizes as input from 13
+        return 0
+    consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer if not t.external_data}
+    for node in g.node:
+        if node.op_type == "Constant" and len(node.output) == 1 and not node.domain:
+            value = _constant_value(node)
+            if value is not None:
+                consts[node.output[0]] = value
+    users: dict[str, list] = {}
+    for node in g.node:
+        for i in node.input:
+            users.setdefault(i, []).append(node)
+    for node in g.node:  # a sequence read inside a subgraph is left alone
+        for a in node.attribute:
+            for sub in [a.g] if a.HasField("g") else list(a.graphs):
+                for n2 in sub.node:
+                    for i in n2.input:
+                        users.setdefault(i, []).append(None)
+    dims: dict[str, list] = {}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    outputs = {o.name for o in g.output}
+    new_nodes, drop, count = [], set(), 0
+    for node in g.node:
+        if id(node) in drop:
+            continue
+        plan = None
+        if (node.op_type == "SplitToSequence" and not node.domain and len(node.input) == 2 and node.input[1] in consts
+                and node.output[0] not in outputs):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            shape = dims.get(node.input[0])
+            seq_users = users.get(node.output[0], [])
+            if shape is not None and seq_users and all(
+                    u is not None and u.op_type == "SequenceAt" and not u.domain and len(u.input) == 2
+                    and u.input[1] in consts and consts[u.input[1]].size == 1 for u in seq_users):
+                axis = int(attrs.get("axis", 0)) % len(shape)
+                length = shape[axis]
+                sizes = np.asarray(consts[node.input[1]]).astype(np.int64)
+                if length is not None and sizes.ndim == 0 and int(sizes) > 0:
+                    n, rest = divmod(length, int(sizes))
+                    sizes = np.array([int(sizes)] * n + ([rest] if rest else []), dtype=np.int64)
+                if sizes.ndim == 1 and len(sizes) and (length is None or sizes.sum() == length):
+                    plan = (axis, sizes, seq_users)
+        if plan is None:
+            new_nodes.append(node)
+            continue
+        axis, sizes, seq_users = plan
+        n = len(sizes)
+        outs: list[str | None] = [None] * n
+        extra = []
+        for u in seq_users:
+            k = int(np.asarray(consts[u.input[1]]).reshape(())) % n
+            if outs[k] is None:
+                outs[k] = u.output[0]
+            else:  # the same piece read twice
+                ident = onnx.helper.make_node("Identity", [outs[k]], [u.output[0]], name=f"{u.name}_identity")
+                ident.metadata_props.extend(u.metadata_props)
+                extra.append(ident)
+            drop.add(id(u))
+        outs = [o if o is not None else f"{node.output[0]}_unused_{k}" for k, o in enumerate(outs)]
+        sizes_name = f"{node.output[0]}_split_sizes"
+        const = onnx.helper.make_node("Constant", [], [sizes_name], name=f"{node.name}_sizes",
+                                      value=numpy_helper.from_array(sizes, sizes_name))
+        split = onnx.helper.make_node("Split", [node.input[0], sizes_name], outs, name=node.name, axis=axis)
+        for nd in (const, split):
+            nd.metadata_props.extend(node.metadata_props)
+        new_nodes.extend([const, split, *extra])
+        count += 1
+    if count:
+        del g.node[:]
+        g.node.extend(new_nodes)
+        names = {o for nd in g.node for o in nd.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
+        vis = [vi for vi in g.value_info if vi.name in names]
+        del g.value_info[:]
+        g.value_info.extend(vis)
+    return count
 
 
 def drop_zero_bias(proto: onnx.ModelProto) -> int:

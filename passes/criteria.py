@@ -82,6 +82,13 @@ def l1(group: Group, ctx: CriterionContext) -> np.ndarray:
     return per_index(group, "abs", np.abs)
 
 
+@criterion("taylor")
+def taylor(group: Group, ctx: CriterionContext) -> np.ndarray:
+    """Placeholder: surgery.torch_api registers the real one, which needs gradients."""
+    raise SurgeryError("taylor needs a PyTorch module and a loss: surgery.prune(module, example_inputs, "
+                       "criterion='taylor', loss=...)")
+
+
 @criterion("random")
 def random(group: Group, ctx: CriterionContext) -> np.ndarray:
     return ctx.rng.random(len(group.atoms))

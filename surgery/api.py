@@ -103,6 +103,8 @@ def prune(
     calib_samples: int | None = None,
     calib_batch: int = 16,
     compensate: str | None = None,  # compensation: passes/compensate.py
+    loss=None,  # PyTorch path only: the loss of the taylor criterion
+    strict_config: bool = True,  # PyTorch path only: refuse what from_pretrained cannot reload
 ) -> Result:
     """Remove ``ratio`` of the units of every prunable group (channels, heads, ...), lowest
     ``criterion`` score first. ``ratio`` counts units, not parameters.
@@ -130,8 +132,8 @@ def prune(
         from surgery.torch_api import prune_module
 
         return prune_module(source, example_inputs, **kwargs)
-    if example_inputs is not None:
-        raise SurgeryError("example_inputs is for PyTorch modules; an ONNX model declares its inputs")
+    if example_inputs is not None or loss is not None:
+        raise SurgeryError("example_inputs and loss are for PyTorch modules; an ONNX model declares its inputs")
     from surgery.passes.criteria import CriterionContext, get_criterion
     from surgery.passes import targets
     from surgery.passes.policy import select, select_target
