@@ -22,6 +22,8 @@ bench/README.md.
 
 from __future__ import annotations
 
+from surgery.frontends.torch_export import quiet
+
 import argparse
 import contextlib
 import gc
@@ -156,25 +158,6 @@ def torch_module(spec: Spec, attn: str):
     w = (Vision if spec.inputs == ("pixel_values",) else TextWithMask)(hf)
     w.eval()
     return w
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence the exporter (prints, warnings, loggers)."""
-    sink = io.StringIO()
-    names = ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "transformers", "torch.fx",
-             "torch._subclasses", "torch.utils._sympy")
-    loggers = [logging.getLogger(n) for n in names]
-    old = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lvl in zip(loggers, old):
-            lg.setLevel(lvl)
 
 
 def export(spec: Spec, attn: str) -> onnx.ModelProto:

@@ -73,7 +73,8 @@ __all__ = [
 ]
 
 _QUIET_LOGGERS = ("torch.onnx", "torch._dynamo", "torch.export", "torch._export", "torch.fx",
-                  "torch._inductor", "torch._subclasses", "onnxscript", "onnx_ir")
+                  "torch._inductor", "torch._subclasses", "torch.utils._sympy", "onnxscript", "onnx_ir",
+                  "transformers")
 
 
 class NotRepresentable(SurgeryError):
@@ -95,7 +96,8 @@ def split_inputs(example_inputs) -> tuple[tuple, dict]:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
+    """Silence the exporter: its prints, warnings and loggers (also used by tests and benches)."""
     sink = io.StringIO()
     loggers = [logging.getLogger(n) for n in _QUIET_LOGGERS]
     levels = [lg.level for lg in loggers]
@@ -129,7 +131,7 @@ def export_module(module, example_inputs, *, dynamic_shapes=None) -> onnx.ModelP
     if not isinstance(module, torch.nn.Module):
         raise SurgeryError(f"export_module expects a torch.nn.Module, got {type(module).__name__}")
     args, kwargs = split_inputs(example_inputs)
-    with eval_mode(module), torch.no_grad(), _quiet():
+    with eval_mode(module), torch.no_grad(), quiet():
         try:
             prog = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True, optimize=False,
                                      dynamic_shapes=dynamic_shapes, verbose=False, report=False)
@@ -513,7 +515,7 @@ class TorchMap:
             for t in p.graph.initializer:
                 if t.name in fill:
                     t.CopyFrom(numpy_helper.from_array(fill[t.name].astype(arrays[t.name].dtype), t.name))
-            with _quiet():
+            with quiet():
                 m = load_onnx(p)
             return {f: m.graph.initializers[f].const_value.numpy() for f in folded if f in m.graph.initializers}
 

@@ -54,6 +54,8 @@ Usage::
 
 from __future__ import annotations
 
+from surgery.frontends.torch_export import quiet as _quiet
+
 from corpus_registry import Registry
 
 import contextlib
@@ -262,23 +264,6 @@ def make_inputs(name: str, batch: int = 1, seq: int = 8, seed: int = 0) -> dict[
         else:  # pragma: no cover
             raise KeyError(inp)
     return feeds
-
-
-@contextlib.contextmanager
-def _quiet():
-    sink = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript",
-                                              "transformers", "torch.fx", "torch._subclasses")]
-    old = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lvl in zip(loggers, old):
-            lg.setLevel(lvl)
 
 
 def _export_hf(name: str) -> onnx.ModelProto:
