@@ -1008,6 +1008,9 @@ def _symbolic_shape_inference_class():
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         sys.modules[name] = mod
+        # its warnings ("unsupported broadcast ...") are about dims it gives up on, which
+        # we only take when it is sure: not the user's business
+        logging.getLogger(name).setLevel(logging.ERROR)
     return mod.SymbolicShapeInference
 
 
