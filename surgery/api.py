@@ -105,6 +105,7 @@ def prune(
     compensate: str | None = None,  # compensation: passes/compensate.py
     loss=None,  # PyTorch path only: the loss of the taylor criterion
     strict_config: bool = True,  # PyTorch path only: refuse what from_pretrained cannot reload
+    sequential: bool = False,  # sequential: one group at a time (surgery/sequential.py)
 ) -> Result:
     """Remove ``ratio`` of the units of every prunable group (channels, heads, ...), lowest
     ``criterion`` score first. ``ratio`` counts units, not parameters.
@@ -124,7 +125,17 @@ def prune(
     criteria (``activation``, ``wanda``, ``flap``, ``obs``) and by ``compensate`` ("bias"
     or "lstsq": re-fit the consumers of removed channels, passes/compensate.py; the
     uncompensated cut is what ``report["verify"]`` checks). ``calib_samples`` caps the
-    samples used, ``calib_batch`` the samples per onnxruntime run."""
+    samples used, ``calib_batch`` the samples per onnxruntime run.
+
+    ``sequential``: prune the groups one at a time in graph order, re-collecting each one's
+    statistics from the already pruned (and compensated) earlier layers (surgery/sequential.py)."""
+    # --- sequential: one group at a time (surgery/sequential.py) ---
+    if sequential:
+        kwargs = {k: v for k, v in locals().items() if k not in ("source", "example_inputs", "sequential")}
+        from surgery.sequential import prune_sequential
+
+        return prune_sequential(source, example_inputs, **kwargs)
+    # --- end sequential ---
     if compensate is not None and _is_torch_module(source):  # calibration
         raise SurgeryError("compensate= is not supported for PyTorch modules: the torch backend maps only the cut back")
     if _is_torch_module(source):  # PyTorch in and out (surgery.torch_api)
@@ -166,14 +177,7 @@ def prune(
     protected = _protected(analysis, keep)
     ctx = CriterionContext(rng=np.random.default_rng(seed), stats=stats, analysis=analysis)
     scores = {g.id: crit(g, ctx) for g in analysis.groups if g.prunable}
-    head = ratio if head_ratio is None else head_ratio
-    # multi-query attention has one key/value head: only its query heads can go
-    kv_mode = gqa == "kv" and any(g.kind == "kv_heads" and g.prunable for g in analysis.groups)
-    by_kind = {
-        "heads": head, "kv_heads": head if kv_mode else 0.0, "q_per_kv": 0.0 if kv_mode else head,
-        "head_dim": head_dim_ratio, "mlp": ratio if mlp_ratio is None else mlp_ratio,
-        "hidden": ratio if hidden_ratio is None else hidden_ratio, "channel": ratio,
-    }
+    by_kind = _kind_ratios(analysis, ratio, head_ratio, mlp_ratio, hidden_ratio, head_dim_ratio, gqa)
     ratios = {g.id: by_kind[g.kind] for g in analysis.groups}
     if target:  # targets: global ranking until the kept params/FLOPs reach the target
         removed = select_target(analysis, scores, target.kind, target.wanted, eligible=ratios, round_to=round_to,
@@ -185,6 +189,19 @@ def prune(
     t["plan"] = time.perf_counter() - t1
     return targets.finish(_execute(analysis, removed, t, t0, seed, input_shapes, verify_result,
                                    calib=cal if (need or compensate) else None, compensate=compensate), target)
+
+
+def _kind_ratios(analysis: Analysis, ratio: float, head_ratio: float | None, mlp_ratio: float | None,
+                 hidden_ratio: float | None, head_dim_ratio: float, gqa: str) -> dict[str, float]:
+    """The fraction of units removed from each kind of group (see ``prune``)."""
+    head = ratio if head_ratio is None else head_ratio
+    # multi-query attention has one key/value head: only its query heads can go
+    kv_mode = gqa == "kv" and any(g.kind == "kv_heads" and g.prunable for g in analysis.groups)
+    return {
+        "heads": head, "kv_heads": head if kv_mode else 0.0, "q_per_kv": 0.0 if kv_mode else head,
+        "head_dim": head_dim_ratio, "mlp": ratio if mlp_ratio is None else mlp_ratio,
+        "hidden": ratio if hidden_ratio is None else hidden_ratio, "channel": ratio,
+    }
 
 
 def _calibration_checks(crit, name: str, calib, compensate):

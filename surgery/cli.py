@@ -171,6 +171,9 @@ def prune(
                                              "reading removed channels: 'bias' (fold their mean into the bias) or "
                                              "'lstsq' (least-squares re-fit); only where it lowers the held-back "
                                              "error."),
+    sequential: bool = typer.Option(False, "--sequential", help="Prune the groups one at a time in graph order, "
+                                    "re-collecting each one's statistics (and compensation) from the already "
+                                    "pruned earlier layers, as OBC/SparseGPT do; every step is verified."),
 ):
     """Prune MODEL and write a smaller dense model, verified against the original."""
     from surgery import api
@@ -184,7 +187,7 @@ def prune(
                                hidden_ratio=hidden_ratio, head_dim_ratio=head_dim_ratio, gqa=gqa,
                                target_params=target_params, target_flops=target_flops,
                                calib=None if calib is None else str(calib), calib_samples=calib_samples,
-                               compensate=compensate)
+                               compensate=compensate, sequential=sequential)
         _finish(result, model, out, report, plan, quiet)
     except SurgeryError as e:
         _fail(str(e))

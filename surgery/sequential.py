@@ -1,0 +1,374 @@
+"""Sequential pruning (``surgery prune --sequential``, ``surgery.prune(..., sequential=True)``).
+
+One-shot pruning scores every group, and fits every compensation, on the activations
+of the *dense* model. Sequential pruning, as OBC and SparseGPT do, takes the prunable
+groups one at a time in graph order (``Group.id`` order: the position of each group's
+first weight) and, before deciding and compensating each one, re-collects its
+statistics from the model in which every earlier group is already pruned (and
+compensated): later layers are scored and re-fitted on the inputs they will see.
+
+Each step is an ordinary ``surgery.api.prune`` of the current (in-memory) model with
+every other group protected (``keep=`` their names), so the step's cut is verified
+(mask-equivalence of the uncompensated cut) and compensated exactly as a one-shot
+prune would be. The model is loaded once; nothing is read from disk again.
+
+Per step, the group keeps the number of units a one-shot prune with the same ratios
+removes (``floor(ratio x units)``, ``round_to``, the same per-kind ratios): groups are
+disjoint, so pruning one never changes another's unit count. Group names are derived
+from weight tensor names and stay the same across steps; a group whose name changed (a
+group pruned to one unit stops being one, so a ``#2`` suffix or a grouped convolution's
+``(groups of ...)`` label can go) is found again by its first weight axis, kind and unit
+count.
+
+The result:
+
+- ``result.model``: the sequentially pruned (and compensated) model;
+- ``result.plan``: a :class:`SequentialPlan` in the ORIGINAL model's tensor indices
+  (each step's removed indices refer to the tensors after the earlier steps; they are
+  mapped back through the indices still present), checked to be a set of whole units
+  of the original model; ``plan.as_dict()`` has ``"sequential": true`` and
+  ``"compensate"``. ``surgery apply`` of it reproduces the structure (the same
+  initializer shapes), not compensated weights;
+- ``result.report``: params/FLOPs before (original) and after (final),
+  ``report["sequential"]`` (one entry per step: ``group``, ``kind``, ``units``,
+  ``units_removed``, ``verify``, ``compensation``, ``compensated_output_diff``,
+  ``params_after``, ``flops_after``, ``seconds``), ``report["verify"]`` (exact only if
+  every step is exact, ``null`` if any step is not exact by construction or not
+  verified, ``false`` if any step failed), ``report["compensate"]``; without
+  compensation the composed plan is also verified against the original
+  (``report["verify_composed"]``); with it, ``report["compensation"]`` gathers every
+  step's applied/skipped consumers and ``uncompensated_output_diff`` is the plan
+  replayed on the original without compensation, ``report["compensated_output_diff"]``
+  the final model, both max |output diff| vs the original on the calibration data;
+- ``result.analysis``: the analysis of the original model (the one the plan refers to).
+
+Targets (``target_params``/``target_flops``) and ``global_rank`` rank the units of all
+groups together, which one-group-at-a-time pruning cannot do: they are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from surgery.analysis import Analysis, Group
+from surgery.errors import SurgeryError
+from surgery.metrics import count_flops, count_params
+from surgery.plan import Plan, build_plan
+
+
+@dataclasses.dataclass
+class SequentialPlan(Plan):
+    """A plan made by sequential pruning: the structure, in the original model's indices."""
+
+    compensate: str | None = None
+
+    def as_dict(self) -> dict:
+        d = super().as_dict()
+        d["sequential"] = True
+        d["compensate"] = self.compensate  # `surgery apply` reproduces the cut, not compensated weights
+        return d
+
+
+def prune_sequential(
+    source,
+    example_inputs=None,
+    *,
+    ratio: float | None = None,
+    criterion: str = "l2",
+    global_rank: bool = False,
+    round_to: int = 1,
+    keep=(),
+    seed: int = 0,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    verify_result: bool = True,
+    head_ratio: float | None = None,
+    mlp_ratio: float | None = None,
+    hidden_ratio: float | None = None,
+    head_dim_ratio: float = 0.0,
+    gqa: str = "kv",
+    target_params: float | None = None,
+    target_flops: float | None = None,
+    calib=None,
+    calib_samples: int | None = None,
+    calib_batch: int = 16,
+    compensate: str | None = None,
+    loss=None,
+    strict_config: bool = True,
+):
+    """``surgery.prune`` one group at a time (see the module docstring); same arguments."""
+    from surgery import api
+    from surgery.passes.targets import clone
+
+    if api._is_torch_module(source):
+        raise SurgeryError("--sequential is for ONNX models; a PyTorch module is pruned in one shot")
+    if example_inputs is not None or loss is not None:
+        raise SurgeryError("example_inputs and loss are for PyTorch modules; an ONNX model declares its inputs")
+    if target_params is not None or target_flops is not None:
+        raise SurgeryError("--target-params/--target-flops rank the units of all groups together; "
+                           "--sequential prunes one group at a time: give --ratio (and per-kind ratios)")
+    if global_rank:
+        raise SurgeryError("--global ranks the units of all groups together; --sequential prunes one group at a time")
+    keep = list(keep)
+    args = dict(ratio=ratio, criterion=criterion, round_to=round_to, seed=seed, input_shapes=input_shapes,
+                verify_result=verify_result, head_ratio=head_ratio, mlp_ratio=mlp_ratio, hidden_ratio=hidden_ratio,
+                head_dim_ratio=head_dim_ratio, gqa=gqa, compensate=compensate)
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    original = source if isinstance(source, ir.Model) else api.load(source, input_shapes=input_shapes)
+    if verify_result or compensate:
+        ir.external_data.load_to_model(original)  # verification and compensation run from memory
+    timings["load"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    orig = Analysis(original)  # names every node; the working copy shares the names
+    by_kind = api._kind_ratios(orig, 0.5 if ratio is None else ratio, head_ratio, mlp_ratio, hidden_ratio,
+                               head_dim_ratio, gqa)
+    user_protected = api._protected(orig, keep)
+    order = [g for g in orig.groups
+             if g.prunable and by_kind[g.kind] > 0 and not set(g.atoms.tolist()) <= user_protected]
+    timings["analysis"] = time.perf_counter() - t1
+    if not order:  # nothing to do one group at a time: the one-shot prune says so (and checks the arguments)
+        res = api.prune(original, keep=keep, calib=calib, calib_samples=calib_samples, calib_batch=calib_batch, **args)
+        res.plan = SequentialPlan(res.plan.groups, compensate=compensate)
+        res.report.update(sequential=[], compensate=compensate)
+        return res
+
+    cal = None
+    if calib is not None:  # read once (a generator too); every step streams the same samples
+        from surgery.passes.stats import as_calibration
+
+        cal = as_calibration(calib, original, samples=calib_samples, batch=calib_batch)
+
+    work = clone(original)  # shares the weight tensors; every cut and fit replaces them, never writes into them
+    orig_inits = original.graph.initializers
+    present: dict[tuple[str, int], np.ndarray] = {}  # (tensor, axis) -> original indices still there
+    removed_orig: dict[tuple[str, int], set[int]] = {}  # (tensor, axis) -> every index removed, original indices
+    counts: dict[int, int] = {}  # original group id -> units its step removed
+    steps: list[dict] = []
+    applied, skipped = [], []
+    for g in order:
+        ts = time.perf_counter()
+        t1 = time.perf_counter()
+        cur = Analysis(work)
+        cg = _find(cur, g, orig)
+        others = [h.name for h in cur.groups if h is not cg and h.prunable]
+        timings["analysis"] += time.perf_counter() - t1
+        res = api.prune(work, keep=keep + others, calib=cal, **args)
+        if res.model is not work:  # pragma: no cover - prune of an ir.Model works in place
+            raise SurgeryError("internal error: a sequential step did not prune the working model in place")
+        for k, v in res.report.get("timings", {}).items():
+            if k not in ("load",):
+                timings[k] = timings.get(k, 0.0) + v
+        pg = res.plan.groups
+        if len(pg) > 1 or (pg and pg[0].name != cg.name):
+            raise SurgeryError(f"internal error: the sequential step for group '{g.name}' pruned "
+                               f"{', '.join(p.name for p in pg)}")
+        n_removed = len(pg[0].removed_units) if pg else 0
+        if pg:
+            _compose(pg[0], orig_inits, work, present, removed_orig)
+            counts[g.id] = n_removed
+        rep = res.report
+        comp = rep.get("compensation")
+        if comp is not None:
+            applied += [dict(a, step=len(steps), group=g.name) for a in comp["applied"]]
+            skipped += [dict(s, step=len(steps), group=g.name) for s in comp["skipped"]]
+        steps.append({
+            "group": g.name,
+            **({"name_in_step": cg.name} if cg.name != g.name else {}),
+            "kind": g.kind,
+            "units": int(len(cg.atoms) + len(cg.blocked_atoms)),
+            "units_removed": n_removed,
+            "verify": rep["verify"],
+            "compensation": comp,
+            "compensated_output_diff": rep.get("compensated_output_diff"),
+            "params_after": rep["params_after"],
+            "flops_after": rep["flops_after"],
+            "seconds": time.perf_counter() - ts,
+        })
+
+    # -- the plan, in the original model's indices ---------------------------------
+    t1 = time.perf_counter()
+    chosen = _units_removed(orig, [g for g in order if g.id in counts], removed_orig)
+    for gid, n in counts.items():
+        if len(chosen.get(gid, ())) != n:
+            name = orig.groups[gid].name
+            raise SurgeryError(f"internal error: group '{name}' lost {n} units in its step, but "
+                               f"{len(chosen.get(gid, ()))} of the original's are gone")
+    chosen = {gid: a for gid, a in chosen.items() if len(a)}
+    base = build_plan(orig, chosen)
+    listed = {(t, a): set(idx.tolist()) for t, cuts in base.tensor_cuts().items() for a, idx in cuts}
+    if listed != {k: v for k, v in removed_orig.items() if v}:
+        bad = next(k for k in sorted(set(listed) | set(removed_orig)) if listed.get(k, set()) != removed_orig.get(k, set()))
+        raise SurgeryError(f"internal error: the sequential cuts of '{bad[0]}' axis {bad[1]} are not those of "
+                           f"whole units of the original model")
+    plan = SequentialPlan(base.groups, compensate=compensate)
+    # the plan replayed on the original (no compensation) has exactly the final structure
+    from surgery.passes.targets import cut_copy
+
+    replay = cut_copy(orig, chosen)
+    _same_structure(replay, work, orig_inits)
+    timings["compose"] = time.perf_counter() - t1
+
+    verify_composed = None
+    comp_diffs = None
+    if (verify_result or compensate) and plan.groups:
+        t1 = time.perf_counter()
+        original_proto = ir.to_proto(original)
+        if compensate is None and verify_result:
+            # the whole sequence against the original, masked by the composed plan
+            from surgery.frontends.onnx_loader import concrete_input_shapes
+            from surgery.verify import random_feeds, verify
+
+            inexact = sorted({g.inexact_reason for g in orig.groups if g.id in chosen and g.inexact_reason})
+            feeds = random_feeds(original, concrete_input_shapes(original, input_shapes), seed)
+            verify_composed = verify(original_proto, ir.to_proto(work), plan.tensor_cuts(), feeds,
+                                     "; ".join(inexact) or None).as_dict()
+        if compensate is not None:
+            from surgery.passes.compensate import output_diffs
+
+            comp_diffs = output_diffs(original_proto, [ir.to_proto(replay), ir.to_proto(work)], cal)
+        timings["final_check"] = time.perf_counter() - t1
+
+    groups = orig.groups
+    report = {
+        "params_before": count_params(original),
+        "params_after": count_params(work),
+        "flops_before": count_flops(original),
+        "flops_after": count_flops(work),
+        "groups_total": len(groups),
+        "groups_prunable": sum(g.prunable for g in groups),
+        "groups_pruned": len(plan.groups),
+        "seconds": time.perf_counter() - t0,
+        "verify": _aggregate([s["verify"] for s in steps] + ([verify_composed] if verify_composed else []),
+                             len(steps)),
+        "timings": timings,
+        "inexact_groups": [g.name for g in groups if g.id in chosen and g.inexact_reason],
+        "pruned_by_kind": {k: sum(len(chosen[g.id]) for g in groups if g.id in chosen and g.kind == k)
+                           for k in sorted({g.kind for g in groups})},
+        "sequential": steps,
+        "compensate": compensate,
+    }
+    if verify_composed is not None:
+        report["verify_composed"] = verify_composed
+    if cal is not None:
+        report["calibration"] = cal.summary()
+    if comp_diffs is not None:
+        report["compensation"] = {"mode": compensate, "applied": applied, "skipped": skipped,
+                                  "uncompensated_output_diff": comp_diffs[0]}
+        report["compensated_output_diff"] = comp_diffs[1]
+    return api.Result(work, plan, report, orig)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def _first_weight(analysis: Analysis, g: Group) -> tuple[str, int]:
+    """(tensor, axis) of the weight axis a group is named after (its first matrix or kernel)."""
+    inits = analysis.model.graph.initializers
+    keys = {a: analysis.dims.axes[a].key for a in g.weight_axes}
+    mats = [a for a in g.weight_axes if len(inits[keys[a][1]].const_value.shape) >= 2]
+    _, name, k = keys[min(mats or g.weight_axes)]
+    return name, int(k)
+
+
+def _find(cur: Analysis, g: Group, orig: Analysis) -> Group:
+    """The group of the current (partly pruned) model that is the original group ``g``: by
+    name, checked by its first weight axis, kind and unit count; else by those alone (a
+    group pruned to one unit stops being a group, so a ``#2`` suffix or a grouped conv's
+    ``(groups of ...)`` label can go; the unit size can change, the unit count cannot)."""
+    sig = _signature(orig, g)
+    named = [h for h in cur.groups if h.name == g.name and _signature(cur, h) == sig]
+    if named:
+        return named[0]
+    hits = [h for h in cur.groups if _signature(cur, h) == sig]
+    if len(hits) != 1:
+        raise SurgeryError(f"internal error: group '{g.name}' of the original model is "
+                           f"{'ambiguous' if hits else 'not found'} after pruning the groups before it")
+    return hits[0]
+
+
+def _signature(analysis: Analysis, g: Group) -> tuple:
+    return _first_weight(analysis, g), g.kind, len(g.atoms) + len(g.blocked_atoms)
+
+
+def _compose(pg, orig_inits, work: ir.Model, present: dict, removed_orig: dict) -> None:
+    """Map one step's removed indices (in the current tensors) to the original's."""
+    inits = work.graph.initializers
+    for t in pg.tensors:
+        tensor, axis = t["tensor"], int(t["axis"])
+        if tensor not in orig_inits:
+            continue  # made by compensation (a new bias): the original has nothing to cut there
+        key = (tensor, axis)
+        have = present.get(key)
+        if have is None:
+            have = np.arange(orig_inits[tensor].const_value.shape[axis], dtype=np.int64)
+        idx = np.asarray(t["removed"], dtype=np.int64)
+        if len(idx) and idx.max() >= len(have):
+            raise SurgeryError(f"internal error: step cut of '{tensor}' axis {axis} is out of range")
+        removed_orig.setdefault(key, set()).update(have[idx].tolist())
+        present[key] = np.delete(have, idx)
+        now = inits.get(tensor)
+        if now is None or now.const_value.shape[axis] != len(present[key]):
+            raise SurgeryError(f"internal error: '{tensor}' axis {axis} lost track of its original indices")
+
+
+def _units_removed(orig: Analysis, groups: list[Group], removed_orig: dict) -> dict[int, np.ndarray]:
+    """Group id -> the original model's units whose every weight slice is gone.
+
+    Read off the union of all steps' cuts, not group by group: where two groups cut one
+    axis (attention heads and the channels inside every head), a later step removes a
+    head_dim unit only from the heads still there, and an earlier step took the rest."""
+    inits = orig.model.graph.initializers
+    out = {}
+    for g in groups:
+        pick = []
+        for atom in g.atoms.tolist():
+            covered = False
+            for aid, idx in orig.footprint(atom).items():
+                kind, name, k = orig.dims.axes[aid].key
+                if kind != "value" or name not in inits:
+                    continue
+                gone = removed_orig.get((name, int(k)))
+                covered = gone is not None and set(idx.tolist()) <= gone
+                if not covered:
+                    break
+            if covered:
+                pick.append(atom)
+        out[g.id] = np.array(pick, dtype=np.int64)
+    return out
+
+
+def _same_structure(replay: ir.Model, final: ir.Model, weights) -> None:
+    """The original's weights have the same shapes in both (shape constants the cut rewrites
+    are named per cut, and compensation may add biases: not compared)."""
+    a, b = replay.graph.initializers, final.graph.initializers
+    for name in weights:
+        if name not in a and name not in b:
+            continue  # a constant the cut replaced in both
+        if name not in a or name not in b:
+            raise SurgeryError(f"internal error: weight '{name}' is missing after the sequential cut or its replay")
+        sa, sb = tuple(a[name].const_value.shape), tuple(b[name].const_value.shape)
+        if sa != sb:
+            raise SurgeryError(f"internal error: the composed plan gives '{name}' shape {sa}, "
+                               f"the sequential result {sb}")
+
+
+def _aggregate(results: list[dict], n_steps: int) -> dict:
+    """Exact only if every check is; null if any is not exact by construction or not verified."""
+    exacts = [r["exact"] for r in results]
+    diffs = [r["max_abs_diff"] for r in results if r["max_abs_diff"] is not None]
+    exact = False if any(e is False for e in exacts) else (None if any(e is None for e in exacts) else True)
+    whys = list(dict.fromkeys(r["why"] for r in results if r["exact"] is not True))
+    if exact is True:
+        why = f"{n_steps} sequential steps, each mask-equivalent" + (
+            "; the composed plan too" if len(results) > n_steps else "")
+    else:
+        why = "; ".join(whys) or "not verified"
+    return {"max_abs_diff": max(diffs) if diffs else None, "exact": exact, "why": why}
