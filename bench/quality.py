@@ -59,6 +59,8 @@ for _p in (str(_ROOT / "bench"), str(_ROOT)):
         sys.path.insert(0, _p)
 
 import numpy as np  # noqa: E402
+
+from surgery.frontends.torch_export import quiet  # noqa: E402
 import onnx  # noqa: E402
 
 import surgery  # noqa: E402
@@ -73,25 +75,6 @@ REFERENCE_50 = {("l2", "none"): 0.49, ("flap", "bias"): 0.73, ("wanda", "lstsq")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence the exporter (prints, warnings, loggers)."""
-    sink = io.StringIO()
-    names = ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "transformers", "torch.fx",
-             "torch._subclasses", "torch.utils._sympy")
-    loggers = [logging.getLogger(n) for n in names]
-    old = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lvl in zip(loggers, old):
-            lg.setLevel(lvl)
 
 
 def export_onnx(module, args: tuple, input_names: list[str], output_name: str, dynamic_shapes: dict,
