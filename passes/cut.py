@@ -108,6 +108,8 @@ def apply_cut(analysis: Analysis, removed: dict[int, np.ndarray]) -> None:
             for k, idx in cuts:
                 if isinstance(dims_[k], int):
                     dims_[k] = dims_[k] - len(idx)
+                else:  # a symbol like 4*batch no longer holds: runtimes trust equal names
+                    dims_[k] = ir.SymbolicDim(None)
             v.shape = ir.Shape(dims_)
 
 

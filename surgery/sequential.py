@@ -30,9 +30,10 @@ The result:
   ``"compensate"``. ``surgery apply`` of it reproduces the structure (the same
   initializer shapes), not compensated weights;
 - ``result.report``: params/FLOPs before (original) and after (final),
-  ``report["sequential"]`` (one entry per step: ``group``, ``kind``, ``units``,
-  ``units_removed``, ``verify``, ``compensation``, ``compensated_output_diff``,
-  ``params_after``, ``flops_after``, ``seconds``), ``report["verify"]`` (exact only if
+  ``report["sequential"]`` (one entry per step: ``group`` (the original's name; plus
+  ``name_in_step`` if it differed), ``kind``, ``units``, ``units_removed``, ``verify``,
+  ``compensation`` and ``compensated_output_diff`` (that step's, against the model
+  before it), ``params_after``, ``flops_after``, ``seconds``), ``report["verify"]`` (exact only if
   every step is exact, ``null`` if any step is not exact by construction or not
   verified, ``false`` if any step failed), ``report["compensate"]``; without
   compensation the composed plan is also verified against the original
@@ -41,6 +42,14 @@ The result:
   replayed on the original without compensation, ``report["compensated_output_diff"]``
   the final model, both max |output diff| vs the original on the calibration data;
 - ``result.analysis``: the analysis of the original model (the one the plan refers to).
+
+An ``onnx_ir`` Model passed in is left as it is (a one-shot prune cuts it in place): the
+steps work on a copy sharing its weight tensors (cuts and fits replace tensors, never
+write into them).
+
+Cost: every step is a whole prune of the current model: its analysis, a calibration pass
+for the statistics (data-aware criteria), with compensation one more for the fit and
+three for the step's ``compensated_output_diff``, and the verification.
 
 Targets (``target_params``/``target_flops``) and ``global_rank`` rank the units of all
 groups together, which one-group-at-a-time pruning cannot do: they are refused.
@@ -52,7 +61,6 @@ import dataclasses
 import time
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from surgery.analysis import Analysis, Group
@@ -203,7 +211,8 @@ def prune_sequential(
     base = build_plan(orig, chosen)
     listed = {(t, a): set(idx.tolist()) for t, cuts in base.tensor_cuts().items() for a, idx in cuts}
     if listed != {k: v for k, v in removed_orig.items() if v}:
-        bad = next(k for k in sorted(set(listed) | set(removed_orig)) if listed.get(k, set()) != removed_orig.get(k, set()))
+        bad = next(k for k in sorted(set(listed) | set(removed_orig))
+                   if listed.get(k, set()) != removed_orig.get(k, set()))
         raise SurgeryError(f"internal error: the sequential cuts of '{bad[0]}' axis {bad[1]} are not those of "
                            f"whole units of the original model")
     plan = SequentialPlan(base.groups, compensate=compensate)

@@ -254,3 +254,14 @@ def test_onnx_attention_op_heads_and_head_dim(rank, hq, hkv):
         assert res.report["params_after"] < res.report["params_before"]
         x = np.random.default_rng(2).standard_normal((2, 3, 16)).astype(np.float32)
         assert _session(res.onnx).run(None, {"x": x})[0].shape == (2, 3, 16)
+
+
+def test_uneven_head_cut_runs_where_sdpa_merges_batch_with_heads():
+    """Layers losing different numbers of heads: symbols like 4*batch on cut axes must not
+    survive (onnxruntime assumes equal names are equal sizes)."""
+    name = "vit_sdpa-dynamo"
+    heads = [g.name for g in surgery.analyze(build(name)).groups if g.kind == "heads"]
+    res = surgery.prune(build(name), ratio=0.0, head_ratio=0.5, keep=[heads[-1]])
+    assert res.report["verify"]["exact"] is True and res.report["pruned_by_kind"]["heads"] > 0
+    feeds = _feeds(name, build(name), 2, 8)
+    assert _session(res.onnx).run(None, feeds)[0].shape == _session(build(name)).run(None, feeds)[0].shape
