@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from surgery.frontends.torch_export import quiet as _quiet
 
+from corpus import _G as _BaseG
 from corpus_registry import Registry
 
 import contextlib
@@ -324,25 +325,12 @@ def _export_hf(name: str) -> onnx.ModelProto:
 # ---------------------------------------------------------------------------
 
 
-class _G:
-    """onnx.helper graph builder with seeded HF-style weights (opset 17)."""
+class _G(_BaseG):
+    """The CNN corpus's graph builder, with HF-style blocks and this corpus's seeds (opset 17)."""
 
     def __init__(self, name: str, opset: int = 17):
-        self.name = name
-        self.opset = opset
+        super().__init__(name, opset)
         self.rng = np.random.default_rng(_seed(name))
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self._n = 0
-
-    def fresh(self, prefix: str) -> str:
-        self._n += 1
-        return f"{prefix}_{self._n}"
-
-    def init(self, arr, prefix: str = "w") -> str:
-        name = self.fresh(prefix)
-        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
-        return name
 
     def ints(self, values, prefix: str = "i") -> str:
         return self.init(np.asarray(values, dtype=np.int64), prefix)
