@@ -165,16 +165,18 @@ class Calibration:
         return static.pop() if static else None
 
     def runs(self) -> Iterator[tuple[dict[str, np.ndarray], bool]]:
-        """(feeds, held_back) for every run; held-back samples never share a run with others."""
+        """(feeds, held_back) for every run; held-back samples never share a run with others.
+        Samples are batched with samples of the same shape only (variable-length text:
+        each length gets its own runs), so nothing is padded."""
         size = self._run_size()
-        buf: dict[bool, list] = {False: [], True: []}
-        rows = {False: 0, True: 0}
+        buf: dict[tuple, list] = {}
+        rows: dict[tuple, int] = {}
         n = held = dropped = runs = 0
 
-        def flush(part: bool):
+        def flush(key):
             nonlocal runs
-            items = buf[part]
-            buf[part], rows[part] = [], 0
+            items = buf.pop(key)
+            rows.pop(key, None)
             runs += 1
             if len(items) == 1:
                 return items[0]
@@ -187,27 +189,25 @@ class Calibration:
             n += 1
             held += part
             sample = self._cast(sample)
+            key = (part, tuple(np.shape(sample[k])[1:] for k in self._names))
+            buf.setdefault(key, []).append(sample)
             if size == 0:  # cannot concatenate
-                buf[part].append(sample)
-                yield flush(part), part
+                yield flush(key), part
                 continue
             k = next(iter(sample.values())).shape[0] if sample else 1
-            buf[part].append(sample)
-            rows[part] += k
+            rows[key] = rows.get(key, 0) + k
             if size is None:
-                if len(buf[part]) >= self.batch:
-                    yield flush(part), part
-            elif rows[part] == size:
-                yield flush(part), part
-            elif rows[part] > size:
+                if len(buf[key]) >= self.batch:
+                    yield flush(key), part
+            elif rows[key] == size:
+                yield flush(key), part
+            elif rows[key] > size:
                 raise SurgeryError(f"calibration samples of {k} rows do not fit the model's static batch size {size}")
-        for part in (False, True):
-            if buf[part]:
-                if size:  # an incomplete static batch cannot run
-                    dropped += len(buf[part])
-                    buf[part], rows[part] = [], 0
-                else:
-                    yield flush(part), part
+        for key in list(buf):
+            if size:  # an incomplete static batch cannot run
+                dropped += len(buf.pop(key))
+            else:
+                yield flush(key), key[0]
         if n == 0:
             raise SurgeryError(f"{self.label}: no calibration samples")
         self.n_samples, self.n_held, self.n_dropped, self.n_runs = n, held, dropped, runs
@@ -267,8 +267,10 @@ def probe_model(model: ir.Model, names: Iterable[str]) -> onnx.ModelProto:
 
 
 def run_calibration(model: ir.Model, calib: Calibration, names: list[str],
-                    fn: Callable[[dict[str, np.ndarray], bool], None]) -> None:
-    """Run the probe over every calibration run; ``fn({name: array}, held_back)``."""
+                    fn: Callable[..., None], reference: tuple[Callable, list[str]] | None = None) -> None:
+    """Run the probe over every calibration run; ``fn({name: array}, held_back)``. With
+    ``reference = (run, names)``, also ``run(feeds, names)`` (another model on the same
+    feeds) and ``fn(outs, held_back, reference outs)``."""
     from surgery.verify import session
 
     if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
@@ -287,7 +289,10 @@ def run_calibration(model: ir.Model, calib: Calibration, names: list[str],
         for n in names:
             if n in inputs:
                 got[n] = feeds[n]
-        fn(got, held)
+        if reference is None:
+            fn(got, held)
+        else:
+            fn(got, held, reference[0](feeds, reference[1]))
 
 
 # ---------------------------------------------------------------------------

@@ -54,15 +54,15 @@ def _assert_same(a, b, rtol=1e-6):
                 _close(ma.gram, mb.gram, rtol, f"{key} {part} gram")
 
 
-def _relu_model():
+def _relu_model(spatial=(3, 3)):
     """x -> Relu -> Conv(4 -> 5) -> Relu -> Conv(5 -> 2): the first consumer reads Relu(x)."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Conv", ["r", "w1"], ["h"], kernel_shape=[1, 1]),
              helper.make_node("Relu", ["h"], ["h2"]), helper.make_node("Conv", ["h2", "w2"], ["y"], kernel_shape=[1, 1])]
     inits = [numpy_helper.from_array(rng.standard_normal((5, 4, 1, 1)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.standard_normal((2, 5, 1, 1)).astype(np.float32), "w2")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 3, 3])], inits)
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, *spatial])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, *spatial])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
@@ -112,6 +112,27 @@ def test_batched_statistics_equal_one_run():
     many, c2 = _stats(RESNET, x, batch=3)
     assert c1.n_runs == 2 and c2.n_runs > 6  # fit and held-back parts never share a run
     _assert_same(one, many, rtol=1e-6)
+
+
+def test_samples_of_different_shapes_are_batched_by_shape():
+    """Variable-size samples (text of different lengths; here images of different sizes)
+    run without padding: each run holds samples of one shape, so the statistics are
+    exactly those of every sample's own positions."""
+    sizes = [3, 5, 3, 4, 5, 3, 3, 4, 5, 3, 4, 3]
+    feeds = [{"x": _rand((1, 4, s, s), seed=i)} for i, s in enumerate(sizes)]
+    st, cal = _stats(_relu_model(("H", "W")), feeds, batch=16)
+    assert cal.summary()["samples"] == len(sizes)
+    assert cal.n_runs == 5  # fit: sizes 3, 4, 5; held back (#5, #10): 5, 3. Equal shapes share a run
+    w1 = np.random.default_rng(0).standard_normal((5, 4, 1, 1)).astype(np.float32)
+    rows = [np.maximum(np.einsum("oc,nchw->nhwo", w1[:, :, 0, 0], np.maximum(f["x"], 0)), 0).reshape(-1, 5)
+            for f in feeds]
+    X = np.concatenate(rows).astype(np.float64)
+    m = st.moments("h2", 1)
+    assert m.n == X.shape[0] == sum(s * s for s in sizes)
+    np.testing.assert_allclose(m.mean, X.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m.gram, X.T @ X, rtol=1e-5, atol=1e-6)
+    held = np.concatenate([r for i, r in enumerate(rows) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1])
+    np.testing.assert_allclose(st.moments("h2", 1, part="held").s1, held.sum(0), rtol=1e-5)
 
 
 def test_calib_samples_caps_the_data():
