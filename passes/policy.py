@@ -83,10 +83,14 @@ def select(
     comparable: bool = False,
 ) -> dict[int, np.ndarray]:
     """Group id -> removed atoms. ``ratio`` is the fraction of units removed per group
-    (a float, or one per group id; or of all units, ranked together, with
-    ``global_rank``); every group keeps >= 1."""
+    (a float, or one per group id); every group keeps >= 1.
+
+    With ``global_rank`` the ratio is of all units of one kind, ranked together: the
+    channels of a CNN compete with each other, attention heads with heads and MLP units
+    with MLP units (a head and an MLP unit are not the same amount of anything, so
+    ``head_ratio=0.5, mlp_ratio=0.5`` removes half the heads and half the MLP units of
+    the model, spread over the layers by score)."""
     per = ratio if isinstance(ratio, dict) else {g.id: ratio for g in groups}
-    ratio = max(per.values(), default=0.0)
     cand = _candidates(groups, scores, per, protected)
     by_id = {g.id: g for g in groups}
     n_remove: dict[int, int] = {}
@@ -94,10 +98,23 @@ def select(
         for gid, (atoms, _) in cand.items():
             n_remove[gid] = _cap(by_id[gid], len(atoms), math.floor(per[gid] * len(atoms) + 1e-9))
     else:
-        budget = math.floor(ratio * sum(len(a) for a, _ in cand.values()) + 1e-9)
         n_remove = {gid: 0 for gid in cand}
-        for gid in _global_order(cand, by_id, comparable)[:budget]:
-            n_remove[gid] += 1
+        for kind in sorted({by_id[gid].kind for gid in cand}):
+            part = {gid: c for gid, c in cand.items() if by_id[gid].kind == kind}
+            r = max(per[gid] for gid in part)
+            budget = math.floor(r * sum(len(a) for a, _ in part.values()) + 1e-9)
+            for gid in _global_order(part, by_id, comparable)[:budget]:
+                n_remove[gid] += 1
+    return _finalize(cand, by_id, n_remove, round_to)
+
+
+def select_counts(groups: list[Group], scores: dict[int, np.ndarray], counts: dict[int, int], *,
+                  round_to: int = 1, protected: set[int] = frozenset()) -> dict[int, np.ndarray]:
+    """Group id -> removed atoms: the ``counts[id]`` lowest-scored units of each group
+    (rounded and capped as ``select`` does; sequential pruning decides the counts first)."""
+    cand = _candidates(groups, scores, {gid: 1.0 for gid, n in counts.items() if n > 0}, protected)
+    by_id = {g.id: g for g in groups}
+    n_remove = {gid: _cap(by_id[gid], len(atoms), counts[gid]) for gid, (atoms, _) in cand.items()}
     return _finalize(cand, by_id, n_remove, round_to)
 
 

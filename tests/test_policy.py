@@ -110,6 +110,24 @@ def test_global_ranking(name, ratio):
     assert res.report["verify"]["exact"] is True
 
 
+@pytest.mark.parametrize("heads,mlp", [(0.5, 0.5), (0.25, 0.75)])
+def test_global_ranking_is_per_kind(heads, mlp):
+    """Heads compete with heads and MLP units with MLP units: --global with head_ratio h
+    and mlp_ratio m removes h of all heads and m of all MLP units, spread over the layers."""
+    import corpus_transformers as ct
+
+    name = "bert-dynamo"
+    res = surgery.prune(ct.build(name), ratio=0.0, head_ratio=heads, mlp_ratio=mlp, hidden_ratio=0.0,
+                        global_rank=True)
+    kinds = {g.name: g.kind for g in res.analysis.groups}
+    for kind, r in (("heads", heads), ("mlp", mlp)):
+        groups = [g for g in res.analysis.groups if g.prunable and g.kind == kind]
+        assert len(groups) >= 2
+        gone = sum(len(g.removed_units) for g in res.plan.groups if kinds[g.name] == kind)
+        assert gone == _floor(r, sum(len(g.atoms) for g in groups)), kind
+    assert res.report["verify"]["exact"] is True
+
+
 def test_global_differs_from_uniform():
     uni = surgery.prune(_model("resnet_tiny"), ratio=0.5)
     glo = surgery.prune(_model("resnet_tiny"), ratio=0.5, global_rank=True)
