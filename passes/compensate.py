@@ -20,6 +20,10 @@ model's activations (layer-wise reconstruction), per output position, in float64
   plus the bias; the bias is not regularized; ``lambda = LSTSQ_DAMP * mean diag
   A_kk``). Needs the Gram matrix, so at most ``MAX_GRAM`` features.
 
+In sequential pruning (surgery/sequential.py) the target is not the consumer's own
+output on its (already changed) inputs but the dense model's output of the same node on
+the same samples (:class:`Reference`); one-shot, the two are the same.
+
 Compensation must never make a layer worse: every ``HOLDOUT_EVERY``-th calibration
 sample is held back, the fit uses the others, and a consumer is changed only when its
 reconstruction error on the held-back samples, ``E || y - y' ||^2`` = ``tr(D H D^T)``
@@ -31,6 +35,7 @@ consumer is reported with the reason it was skipped.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import onnx
@@ -78,9 +83,11 @@ def _conv_geometry(node: ir.Node, w_shape) -> _ConvGeometry:
                          None if auto in ("SAME_UPPER", "SAME_LOWER") else pads, auto)
 
 
-def conv_patches(x: np.ndarray, geo: _ConvGeometry):
+def conv_patches(x: np.ndarray, geo: _ConvGeometry, width: int | None = None):
     """Yield (rows, C * taps) chunks of the im2col matrix of a Conv input x (N, C, *spatial),
-    features ordered channel-major then kernel tap (W.reshape(O, -1)'s column order)."""
+    features ordered channel-major then kernel tap (W.reshape(O, -1)'s column order).
+    Chunks are sized for ``width`` features (default C * taps): two inputs of the same
+    spatial shape chunked with one width give the same rows."""
     nd = len(geo.kernel)
     win = [(k - 1) * d + 1 for k, d in zip(geo.kernel, geo.dilations)]
     if geo.pads is None:
@@ -102,19 +109,19 @@ def conv_patches(x: np.ndarray, geo: _ConvGeometry):
     n_feat = int(np.prod(v.shape[1 + nd :]))
     if v.shape[1] == 0:
         return
-    per_row = n_feat * int(np.prod(v.shape[2 : 1 + nd]))
+    per_row = (width or n_feat) * int(np.prod(v.shape[2 : 1 + nd]))
     step = max(1, _CHUNK // max(per_row, 1))
     for b in range(v.shape[0]):
         for i in range(0, v.shape[1], step):
             yield np.ascontiguousarray(v[b, i : i + step], dtype=np.float64).reshape(-1, n_feat)
 
 
-def _features(c: Consumer, x: np.ndarray, geo):
+def _features(c: Consumer, x: np.ndarray, geo, width: int | None = None):
     if geo is not None:
-        yield from conv_patches(x, geo)
+        yield from conv_patches(x, geo, width)
         return
     f = channels_last(x, c.x_axis)
-    step = max(1, _CHUNK // max(f.shape[1], 1))
+    step = max(1, _CHUNK // max(width or f.shape[1], 1))
     for i in range(0, f.shape[0], step):
         yield np.asarray(f[i : i + step], dtype=np.float64)
 
@@ -125,11 +132,14 @@ def _features(c: Consumer, x: np.ndarray, geo):
 
 
 class _Acc:
-    def __init__(self, F: int, gram: bool) -> None:
+    def __init__(self, F: int, gram: bool, cross: int | None = None) -> None:
         self.n = 0.0
         self.s = np.zeros(F)
         self.G = np.zeros((F, F)) if gram else None
-        self.energy = 0.0  # sum of ||W_r f_r||^2 over kept outputs (bias mode)
+        self.rs = None  # bias mode: sum of the residual r = y - y_cut per kept output
+        self.rr = 0.0  # bias mode: sum of ||r||^2
+        self.C = np.zeros((F + 1, cross)) if cross is not None and gram else None  # reference: sum [f, 1] y^T
+        self.yy = 0.0  # reference: sum of ||y||^2
 
     def aug(self) -> np.ndarray:
         """E[a a^T] for a = [f, 1]."""
@@ -142,15 +152,73 @@ class _Acc:
 
 
 @dataclasses.dataclass
+class Reference:
+    """The dense model that sequential pruning fits every consumer back to.
+
+    One-shot compensation fits a consumer's kept weights so that, on the inputs it sees,
+    its output matches its own original output (``y = W f + b``). In a sequential prune
+    the inputs ``f~`` come from a model whose earlier layers are already pruned, and
+    matching the current layer's own output on them would carry every earlier error
+    forward. With a reference the target is the *dense* model's output of the same node
+    on the same samples, ``y = W_dense f_dense + b_dense`` (the OBC/SparseGPT objective
+    with the accumulated error corrected): ``Theta' = (E[a~ a~^T] + lambda)^-1 E[a~ y^T]``
+    over the kept features, ``a~ = [f~, 1]``, and the held-back check compares
+    ``E||y - Theta a~||^2`` before and after. ``bias`` folds the mean of
+    ``y - y_cut`` into the bias.
+
+    ``present``: (weight, axis) -> the original indices still in the current model, to
+    map the current consumer's outputs onto the dense one's. ``outside_bias``: per
+    MatMul node, the bias earlier steps added after it (original output indices), so a
+    second fit of the same node does not count it twice."""
+
+    analysis: object  # Analysis of the dense model
+    present: dict
+    outside_bias: dict = dataclasses.field(default_factory=dict)
+    _session: object = None
+    _fetch: list = dataclasses.field(default_factory=list)
+
+    def consumer(self, name: str) -> Consumer | None:
+        return {c.name: c for c in find_consumers(self.analysis)}.get(name)
+
+    def out_indices(self, c: Consumer, n_out: int) -> np.ndarray:
+        have = self.present.get((c.w, _out_axis(c)))
+        return np.arange(n_out) if have is None else have
+
+    def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        """The dense model's tensors ``names`` on ``feeds``; one probe session, exposing
+        the input of every consumer, serves every step."""
+        from surgery.passes.stats import probe_model
+        from surgery.verify import session
+
+        model = self.analysis.model
+        inputs = {v.name for v in model.graph.inputs}
+        if self._session is None:
+            self._fetch = sorted({c.x for c in find_consumers(self.analysis)} - inputs)
+            self._session = session(probe_model(model, self._fetch))
+        got = dict(zip(self._fetch, self._session.run(self._fetch, feeds)))
+        return {n: (feeds[n] if n in inputs else got[n]) for n in names}
+
+
+@dataclasses.dataclass
 class _Target:
     c: Consumer
     n_removed: int
-    W: np.ndarray  # (kept outputs, F) original effective weight
-    b: np.ndarray  # (kept outputs,) original effective bias
+    W: np.ndarray  # (kept outputs, F) current effective weight
+    b: np.ndarray  # (kept outputs,) current effective bias (a MatMul's: what earlier steps added after it)
     removed: np.ndarray  # removed features
     kept: np.ndarray  # kept features
     geo: _ConvGeometry | None
     acc: dict
+    # reference: (dense consumer, its Theta = [W, b] over our kept outputs, its conv geometry,
+    # those outputs' dense indices, the dense output count)
+    ref: tuple | None = None
+
+    def target(self, f: np.ndarray, fd: np.ndarray | None) -> np.ndarray:
+        """The output to match on these rows: the dense model's (reference), else our own."""
+        if self.ref is None:
+            return f @ self.W.T + self.b
+        Th = self.ref[1]
+        return fd @ Th[:, :-1].T + Th[:, -1]
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -215,22 +283,23 @@ def _out_axis(c: Consumer) -> int:
 class Compensation:
     """Prepared on the original model (statistics, original weights); ``apply`` on the cut one."""
 
-    def __init__(self, mode: str, targets: list[_Target], skipped: list[dict], calib: Calibration) -> None:
+    def __init__(self, mode: str, targets: list[_Target], skipped: list[dict], calib: Calibration,
+                 reference: Reference | None = None) -> None:
         self.mode = mode
         self.targets = targets
         self.skipped = skipped
         self.calib = calib
+        self.reference = reference
 
     # -- solving -----------------------------------------------------------
     def _solve(self, t: _Target):
         """(new W over kept features or None, bias change, held-back error before, after)."""
         fit, hold = t.acc[False], t.acc[True]
         W, b, r, k = t.W, t.b, t.removed, t.kept
-        if self.mode == "bias":
-            Wr = W[:, r]
-            db = Wr @ (fit.s[r] / fit.n)
-            e0 = hold.energy / hold.n
-            e = e0 - 2.0 * float(db @ (Wr @ (hold.s[r] / hold.n))) + float(db @ db)
+        if self.mode == "bias":  # the mean residual y - y_cut, folded into the bias
+            db = fit.rs / fit.n
+            e0 = hold.rr / hold.n
+            e = e0 - 2.0 * float(db @ (hold.rs / hold.n)) + float(db @ db)
             return None, db, e0, e
         F = W.shape[1]
         A, H = fit.aug(), hold.aug()
@@ -238,19 +307,24 @@ class Compensation:
         kk = np.concatenate([k, [F]])
         lam = LSTSQ_DAMP * float(np.mean(np.diag(A)[k])) + 1e-12
         M = A[np.ix_(kk, kk)] + np.diag(np.r_[np.full(len(k), lam), 0.0])
-        R = A[kk, :] @ Theta.T
+        R = fit.C[kk] / fit.n if t.ref is not None else A[kk, :] @ Theta.T  # E[a_kk y^T]
         try:
             Th = np.linalg.solve(M, R).T
         except np.linalg.LinAlgError:
             Th = np.linalg.lstsq(M, R, rcond=None)[0].T
         new = np.zeros_like(Theta)
         new[:, kk] = Th
-        D0 = Theta.copy()
-        D0[:, kk] = 0.0
-        D = Theta - new
-        e0 = float(np.sum((D0 @ H) * D0))
-        e = float(np.sum((D @ H) * D))
-        return Th[:, :-1], Th[:, -1] - b, e0, e
+        cut = Theta.copy()
+        cut[:, r] = 0.0
+        if t.ref is None:  # target = Theta a: the error is tr(D H D^T), D = Theta - Theta'
+            D0, D = Theta - cut, Theta - new
+            return Th[:, :-1], Th[:, -1] - b, float(np.sum((D0 @ H) * D0)), float(np.sum((D @ H) * D))
+        Ch, yy = hold.C / hold.n, hold.yy / hold.n  # E||y - Theta a||^2 = yy - 2 tr(Theta C) + tr(Theta H Theta^T)
+
+        def err(T):
+            return yy - 2.0 * float(np.sum(T * Ch.T)) + float(np.sum((T @ H) * T))
+
+        return Th[:, :-1], Th[:, -1] - b, err(cut), err(new)
 
     def apply(self, model: ir.Model) -> dict:
         """Change the (cut) model's consumers in place; the report entry."""
@@ -280,14 +354,20 @@ class Compensation:
             if why:
                 skipped.append({"consumer": name, "why": why})
                 continue
+            if t.ref is not None and t.c.op == "MatMul":  # the bias now after it, for a later fit of it
+                ob = self.reference.outside_bias.setdefault(name, np.zeros(t.ref[4]))
+                ob[t.ref[3]] += db
             applied.append({"consumer": name, "op": t.c.op, "removed_inputs": t.n_removed,
                             "error_before": e0, "error_after": e})
         return {"mode": self.mode, "applied": applied, "skipped": skipped}
 
 
-def prepare(analysis, removed: dict[int, np.ndarray], calib: Calibration, mode: str) -> Compensation:
-    """Find the consumers of removed channels, snapshot their original weights, and gather
-    their input statistics over the calibration data (run before the cut)."""
+def prepare(analysis, removed: dict[int, np.ndarray], calib: Calibration, mode: str,
+            reference: Reference | None = None) -> Compensation:
+    """Find the consumers of removed channels, snapshot their weights, and gather their input
+    statistics over the calibration data (run before the cut). With a ``reference`` (the
+    dense model, in sequential pruning) each consumer is fitted to the dense model's output
+    of the same node instead of its own (see :class:`Reference`)."""
     if mode not in MODES:
         raise SurgeryError(f"--compensate must be one of {', '.join(MODES)}, got {mode!r}")
     inits = analysis.model.graph.initializers
@@ -319,27 +399,70 @@ def prepare(analysis, removed: dict[int, np.ndarray], calib: Calibration, mode: 
         out_id = dims.find(("value", c.w, _out_axis(c)))
         rem_out = removed.get(out_id, np.zeros(0, np.int64)) if out_id is not None else np.zeros(0, np.int64)
         keep_out = np.setdiff1d(np.arange(W.shape[0]), rem_out)
+        ref = None
+        if reference is not None:
+            ref, why = _dense_counterpart(reference, c, W.shape[0], keep_out)
+            if why:
+                skipped.append({"consumer": c.name, "why": why})
+                continue
+            if c.op == "MatMul":  # what earlier steps added after it is part of its current bias
+                orig_out = reference.out_indices(c, W.shape[0])
+                b = reference.outside_bias.get(c.name, np.zeros(int(orig_out.max(initial=-1)) + 1))[orig_out]
         feat_removed = (np.asarray(rem)[:, None] * taps + np.arange(taps)[None, :]).ravel()
         feat_kept = np.setdiff1d(np.arange(F), feat_removed)
         gram = mode == "lstsq"
+        cross = len(keep_out) if ref is not None else None
         targets.append(_Target(c, len(rem), W[keep_out], b[keep_out], np.sort(feat_removed), feat_kept, geo,
-                               {False: _Acc(F, gram), True: _Acc(F, gram)}))
+                               {False: _Acc(F, gram, cross), True: _Acc(F, gram, cross)}, ref))
 
     if targets:
-        def take(outs: dict[str, np.ndarray], held: bool) -> None:
+        def take(outs: dict[str, np.ndarray], held: bool, dense: dict[str, np.ndarray] | None = None) -> None:
             for t in targets:
                 acc = t.acc[held]
-                Wr = t.W[:, t.removed] if (held and t.acc[held].G is None) else None
-                for f in _features(t.c, outs[t.c.x], t.geo):
+                need_y = acc.G is None or acc.C is not None  # bias mode, or a dense target
+                Wk = t.W[:, t.kept]
+                width = None
+                fds = itertools.repeat(None)
+                if t.ref is not None:
+                    dc, _, dgeo = t.ref[:3]
+                    width = max(t.W.shape[1], t.ref[1].shape[1] - 1)
+                    fds = _features(dc, dense[dc.x], dgeo, width)
+                for f, fd in zip(_features(t.c, outs[t.c.x], t.geo, width), fds):
                     acc.n += f.shape[0]
                     acc.s += f.sum(axis=0)
                     if acc.G is not None:
                         acc.G += f.T @ f
-                    if Wr is not None:
-                        acc.energy += float(np.sum(np.square(f[:, t.removed] @ Wr.T)))
+                    if not need_y:
+                        continue
+                    y = t.target(f, fd)
+                    if acc.C is not None:
+                        acc.C[:-1] += f.T @ y
+                        acc.C[-1] += y.sum(axis=0)
+                        acc.yy += float(np.sum(np.square(y)))
+                    else:
+                        r = y - f[:, t.kept] @ Wk.T - t.b
+                        acc.rs = r.sum(axis=0) + (0.0 if acc.rs is None else acc.rs)
+                        acc.rr += float(np.sum(np.square(r)))
 
-        run_calibration(analysis.model, calib, sorted({t.c.x for t in targets}), take)
-    return Compensation(mode, targets, skipped, calib)
+        refs = [t for t in targets if t.ref is not None]
+        run_calibration(analysis.model, calib, sorted({t.c.x for t in targets}), take,
+                        reference=(reference.run, sorted({t.ref[0].x for t in refs})) if refs else None)
+    return Compensation(mode, targets, skipped, calib, reference)
+
+
+def _dense_counterpart(reference: Reference, c: Consumer, n_out: int, keep_out: np.ndarray):
+    """((dense consumer, its [W, b] rows for our kept outputs, its conv geometry), None),
+    or (None, why not)."""
+    dc = reference.consumer(c.name)
+    if dc is None or dc.op != c.op:
+        return None, "no node of that name reads a weight in the dense model"
+    Wd, bd = _effective(dc)
+    orig_out = reference.out_indices(c, n_out)
+    if len(orig_out) != n_out or (len(orig_out) and orig_out.max() >= Wd.shape[0]):
+        return None, "its outputs do not map onto the dense model's"
+    dgeo = _conv_geometry(dc.node, dc.node.inputs[1].const_value.shape) if dc.op == "Conv" else None
+    rows = orig_out[keep_out]
+    return (dc, np.concatenate([Wd[rows], bd[rows, None]], axis=1), dgeo, rows, Wd.shape[0]), None
 
 
 # ---------------------------------------------------------------------------

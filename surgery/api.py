@@ -149,14 +149,7 @@ def prune(
     from surgery.passes import targets
     from surgery.passes.policy import select, select_target
 
-    for flag, r in (("ratio", ratio), ("head-ratio", head_ratio), ("mlp-ratio", mlp_ratio),
-                    ("hidden-ratio", hidden_ratio), ("head-dim-ratio", head_dim_ratio)):
-        if r is not None and not (isinstance(r, (int, float)) and 0 <= r < 1):
-            raise SurgeryError(f"--{flag} must be in [0, 1), got {r}")
-    if gqa not in ("kv", "query"):
-        raise SurgeryError(f"--gqa must be 'kv' or 'query', got {gqa!r}")
-    if round_to < 1:
-        raise SurgeryError(f"--round-to must be >= 1, got {round_to}")
+    _check_ratios(ratio, head_ratio, mlp_ratio, hidden_ratio, head_dim_ratio, gqa, round_to)
     target = targets.parse(ratio, target_params, target_flops)  # targets: kept fraction instead of a ratio
     ratio = 1.0 if target else (0.5 if ratio is None else ratio)  # targets: 1.0 = the group may lose units
     crit = get_criterion(criterion)
@@ -189,6 +182,17 @@ def prune(
     t["plan"] = time.perf_counter() - t1
     return targets.finish(_execute(analysis, removed, t, t0, seed, input_shapes, verify_result,
                                    calib=cal if (need or compensate) else None, compensate=compensate), target)
+
+
+def _check_ratios(ratio, head_ratio, mlp_ratio, hidden_ratio, head_dim_ratio, gqa, round_to) -> None:
+    for flag, r in (("ratio", ratio), ("head-ratio", head_ratio), ("mlp-ratio", mlp_ratio),
+                    ("hidden-ratio", hidden_ratio), ("head-dim-ratio", head_dim_ratio)):
+        if r is not None and not (isinstance(r, (int, float)) and 0 <= r < 1):
+            raise SurgeryError(f"--{flag} must be in [0, 1), got {r}")
+    if gqa not in ("kv", "query"):
+        raise SurgeryError(f"--gqa must be 'kv' or 'query', got {gqa!r}")
+    if round_to < 1:
+        raise SurgeryError(f"--round-to must be >= 1, got {round_to}")
 
 
 def _kind_ratios(analysis: Analysis, ratio: float, head_ratio: float | None, mlp_ratio: float | None,
@@ -242,7 +246,11 @@ def _load_and_analyze(source, input_shapes) -> tuple[Analysis, dict, float]:
 
 
 def _execute(analysis: Analysis, removed: dict[int, np.ndarray], t: dict, t0: float, seed: int,
-             input_shapes, verify_result: bool, *, calib=None, compensate: str | None = None) -> Result:
+             input_shapes, verify_result: bool, *, calib=None, compensate: str | None = None,
+             reference=None, output_diffs: bool = True) -> Result:
+    """Cut ``removed`` (group id -> atoms), verify, compensate, report. ``reference`` and
+    ``output_diffs=False`` are for sequential steps: fit consumers to the dense model, and
+    skip the three calibration passes that measure the compensated outputs."""
     from surgery.frontends.onnx_loader import concrete_input_shapes
     from surgery.passes.cut import apply_cut
 
@@ -262,7 +270,7 @@ def _execute(analysis: Analysis, removed: dict[int, np.ndarray], t: dict, t0: fl
         from surgery.passes.compensate import prepare
 
         t1c = time.perf_counter()
-        comp = prepare(analysis, removed_idx, calib, compensate)
+        comp = prepare(analysis, removed_idx, calib, compensate, reference)
         t["compensate"] = time.perf_counter() - t1c
     apply_cut(analysis, removed_idx)
     t["emit"] = time.perf_counter() - t1
@@ -281,17 +289,18 @@ def _execute(analysis: Analysis, removed: dict[int, np.ndarray], t: dict, t0: fl
     # --- compensation: after verifying the uncompensated cut (report["verify"] is about the cut alone) ---
     comp_report, comp_diff = None, None
     if comp is not None:
-        from surgery.passes.compensate import output_diffs
+        from surgery.passes.compensate import output_diffs as diffs
 
         t1 = time.perf_counter()
-        uncompensated = ir.to_proto(model)
+        uncompensated = ir.to_proto(model) if output_diffs else None
         comp_report = comp.apply(model)
         compensated = ir.to_proto(model)
         try:
             onnx.checker.check_model(compensated)
         except onnx.checker.ValidationError as e:
             raise SurgeryError(f"internal error: the compensated model fails onnx.checker: {str(e).splitlines()[0]}") from e
-        comp_report["uncompensated_output_diff"], comp_diff = output_diffs(original, [uncompensated, compensated], calib)
+        if output_diffs:
+            comp_report["uncompensated_output_diff"], comp_diff = diffs(original, [uncompensated, compensated], calib)
         t["compensate"] = t.get("compensate", 0.0) + time.perf_counter() - t1
     # --- end compensation ---
     groups = analysis.groups
@@ -314,5 +323,6 @@ def _execute(analysis: Analysis, removed: dict[int, np.ndarray], t: dict, t0: fl
         report["calibration"] = calib.summary()
     if comp_report is not None:
         report["compensation"] = comp_report
-        report["compensated_output_diff"] = comp_diff
+        if comp_diff is not None:
+            report["compensated_output_diff"] = comp_diff
     return Result(model, plan, report, analysis)

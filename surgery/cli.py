@@ -144,8 +144,9 @@ def prune(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output model (default: MODEL.pruned.onnx)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the report as JSON."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Write the plan (what was removed) as JSON."),
-    global_rank: bool = typer.Option(False, "--global", help="Rank units of all groups together (scores normalized "
-                                     "per group); every group keeps at least one unit."),
+    global_rank: bool = typer.Option(False, "--global", help="Rank the units of all groups of one kind together "
+                                     "(channels, heads, MLP units; scores normalized per group): each kind loses its "
+                                     "ratio in total; every group keeps at least one unit."),
     round_to: int = typer.Option(1, "--round-to", help="Keep each group's channel count a multiple of N."),
     head_ratio: Optional[float] = typer.Option(None, "--head-ratio", help="Fraction of attention heads removed "
                                                "(default: --ratio)."),
@@ -172,8 +173,10 @@ def prune(
                                              "'lstsq' (least-squares re-fit); only where it lowers the held-back "
                                              "error."),
     sequential: bool = typer.Option(False, "--sequential", help="Prune the groups one at a time in graph order, "
-                                    "re-collecting each one's statistics (and compensation) from the already "
-                                    "pruned earlier layers, as OBC/SparseGPT do; every step is verified."),
+                                    "re-collecting each one's statistics from the already pruned earlier layers "
+                                    "and fitting compensation back to the dense model's outputs; every step is "
+                                    "verified. With --global, the dense model's global ranking sets each "
+                                    "group's count."),
 ):
     """Prune MODEL and write a smaller dense model, verified against the original."""
     from surgery import api

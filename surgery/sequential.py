@@ -7,14 +7,20 @@ first weight) and, before deciding and compensating each one, re-collects its
 statistics from the model in which every earlier group is already pruned (and
 compensated): later layers are scored and re-fitted on the inputs they will see.
 
-Each step is an ordinary ``surgery.api.prune`` of the current (in-memory) model with
-every other group protected (``keep=`` their names), so the step's cut is verified
-(mask-equivalence of the uncompensated cut) and compensated exactly as a one-shot
-prune would be. The model is loaded once; nothing is read from disk again.
+Compensation fits each consumer, on those inputs, to the **dense** model's output of the
+same node (passes/compensate.py, ``Reference``), not to its own output: every layer also
+corrects what the layers before it left. The dense model runs beside the pruned one.
 
-Per step, the group keeps the number of units a one-shot prune with the same ratios
-removes (``floor(ratio x units)``, ``round_to``, the same per-kind ratios): groups are
-disjoint, so pruning one never changes another's unit count. Group names are derived
+**How many** units each group loses is decided once, on the dense model: the counts of a
+one-shot prune with the same ratios (``floor(ratio x units)``, ``round_to``, per-kind
+ratios), or, with ``global_rank``, of the one-shot global ranking (the criterion's
+scores on the dense model, ranked per kind). The steps decide **which** units. Groups
+are disjoint, so pruning one never changes another's unit count.
+
+Each step analyzes the current (in-memory) model, collects the statistics of that one
+group, scores it, cuts the chosen units, verifies the cut (mask-equivalence of the
+uncompensated cut) and compensates, through the same code as a one-shot prune. The
+model is loaded once; nothing is read from disk again. Group names are derived
 from weight tensor names and stay the same across steps; a group whose name changed (a
 group pruned to one unit stops being one, so a ``#2`` suffix or a grouped convolution's
 ``(groups of ...)`` label can go) is found again by its first weight axis, kind and unit
@@ -32,8 +38,8 @@ The result:
 - ``result.report``: params/FLOPs before (original) and after (final),
   ``report["sequential"]`` (one entry per step: ``group`` (the original's name; plus
   ``name_in_step`` if it differed), ``kind``, ``units``, ``units_removed``, ``verify``,
-  ``compensation`` and ``compensated_output_diff`` (that step's, against the model
-  before it), ``params_after``, ``flops_after``, ``seconds``), ``report["verify"]`` (exact only if
+  ``compensation`` (that step's applied/skipped consumers), ``params_after``,
+  ``flops_after``, ``seconds``), ``report["verify"]`` (exact only if
   every step is exact, ``null`` if any step is not exact by construction or not
   verified, ``false`` if any step failed), ``report["compensate"]``; without
   compensation the composed plan is also verified against the original
@@ -47,12 +53,12 @@ An ``onnx_ir`` Model passed in is left as it is (a one-shot prune cuts it in pla
 steps work on a copy sharing its weight tensors (cuts and fits replace tensors, never
 write into them).
 
-Cost: every step is a whole prune of the current model: its analysis, a calibration pass
-for the statistics (data-aware criteria), with compensation one more for the fit and
-three for the step's ``compensated_output_diff``, and the verification.
+Cost per step: an analysis of the current model, one calibration pass for the group's
+statistics (data-aware criteria), with compensation one more for the fit (and the dense
+model's run), and the verification.
 
-Targets (``target_params``/``target_flops``) and ``global_rank`` rank the units of all
-groups together, which one-group-at-a-time pruning cannot do: they are refused.
+Targets (``target_params``/``target_flops``) search the global ranking for a prefix that
+meets a count; they are refused (give ratios, with ``global_rank`` to spread them).
 """
 
 from __future__ import annotations
@@ -117,14 +123,16 @@ def prune_sequential(
     if example_inputs is not None or loss is not None:
         raise SurgeryError("example_inputs and loss are for PyTorch modules; an ONNX model declares its inputs")
     if target_params is not None or target_flops is not None:
-        raise SurgeryError("--target-params/--target-flops rank the units of all groups together; "
-                           "--sequential prunes one group at a time: give --ratio (and per-kind ratios)")
-    if global_rank:
-        raise SurgeryError("--global ranks the units of all groups together; --sequential prunes one group at a time")
+        raise SurgeryError("--target-params/--target-flops search the global ranking on the dense model; "
+                           "--sequential prunes one group at a time: give --ratio (and per-kind ratios), "
+                           "with --global to spread them over the layers")
+    from surgery.passes.criteria import CriterionContext, get_criterion
+    from surgery.passes.policy import select, select_counts
+
+    api._check_ratios(ratio, head_ratio, mlp_ratio, hidden_ratio, head_dim_ratio, gqa, round_to)
     keep = list(keep)
-    args = dict(ratio=ratio, criterion=criterion, round_to=round_to, seed=seed, input_shapes=input_shapes,
-                verify_result=verify_result, head_ratio=head_ratio, mlp_ratio=mlp_ratio, hidden_ratio=hidden_ratio,
-                head_dim_ratio=head_dim_ratio, gqa=gqa, compensate=compensate)
+    crit = get_criterion(criterion)
+    need, _ = api._calibration_checks(crit, criterion, calib, compensate)
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -136,15 +144,9 @@ def prune_sequential(
     orig = Analysis(original)  # names every node; the working copy shares the names
     by_kind = api._kind_ratios(orig, 0.5 if ratio is None else ratio, head_ratio, mlp_ratio, hidden_ratio,
                                head_dim_ratio, gqa)
+    ratios = {g.id: by_kind[g.kind] for g in orig.groups}
     user_protected = api._protected(orig, keep)
-    order = [g for g in orig.groups
-             if g.prunable and by_kind[g.kind] > 0 and not set(g.atoms.tolist()) <= user_protected]
     timings["analysis"] = time.perf_counter() - t1
-    if not order:  # nothing to do one group at a time: the one-shot prune says so (and checks the arguments)
-        res = api.prune(original, keep=keep, calib=calib, calib_samples=calib_samples, calib_batch=calib_batch, **args)
-        res.plan = SequentialPlan(res.plan.groups, compensate=compensate)
-        res.report.update(sequential=[], compensate=compensate)
-        return res
 
     cal = None
     if calib is not None:  # read once (a generator too); every step streams the same samples
@@ -152,11 +154,45 @@ def prune_sequential(
 
         cal = as_calibration(calib, original, samples=calib_samples, batch=calib_batch)
 
+    # -- how many units each group loses: decided once, on the dense model ------------
+    t1 = time.perf_counter()
+    prunable = [g for g in orig.groups if g.prunable]
+    if global_rank:  # ranked together per kind, with the criterion's scores on the dense model
+        stats = None
+        if need:
+            from surgery.passes.stats import collect
+
+            stats = collect(orig, cal, prunable, gram=need == "gram")
+        ctx = CriterionContext(rng=np.random.default_rng(seed), stats=stats, analysis=orig)
+        scores = {g.id: crit(g, ctx) for g in prunable}
+        comparable = getattr(crit, "scores_comparable", False)
+    else:  # the counts of a one-shot prune with the same ratios
+        scores = {g.id: np.zeros(len(g.atoms)) for g in prunable}
+        comparable = False
+    counts = {gid: len(a) for gid, a in select(orig.groups, scores, ratios, global_rank=global_rank,
+                                               round_to=round_to, protected=user_protected,
+                                               comparable=comparable).items()}
+    timings["allocate"] = time.perf_counter() - t1
+    order = [g for g in orig.groups if counts.get(g.id, 0) > 0]
+    if not order:  # nothing to do one group at a time: the one-shot prune says so
+        res = api.prune(original, keep=keep, calib=calib, calib_samples=calib_samples, calib_batch=calib_batch,
+                        ratio=ratio, criterion=criterion, round_to=round_to, seed=seed, input_shapes=input_shapes,
+                        verify_result=verify_result, head_ratio=head_ratio, mlp_ratio=mlp_ratio,
+                        hidden_ratio=hidden_ratio, head_dim_ratio=head_dim_ratio, gqa=gqa, compensate=compensate)
+        res.plan = SequentialPlan(res.plan.groups, compensate=compensate)
+        res.report.update(sequential=[], compensate=compensate)
+        return res
+
     work = clone(original)  # shares the weight tensors; every cut and fit replaces them, never writes into them
     orig_inits = original.graph.initializers
     present: dict[tuple[str, int], np.ndarray] = {}  # (tensor, axis) -> original indices still there
     removed_orig: dict[tuple[str, int], set[int]] = {}  # (tensor, axis) -> every index removed, original indices
-    counts: dict[int, int] = {}  # original group id -> units its step removed
+    reference = None
+    if compensate:  # every consumer is fitted back to the dense model's output (passes/compensate.py)
+        from surgery.passes.compensate import Reference
+
+        reference = Reference(orig, present)
+    done: dict[int, int] = {}  # original group id -> units its step removed
     steps: list[dict] = []
     applied, skipped = [], []
     for g in order:
@@ -164,14 +200,25 @@ def prune_sequential(
         t1 = time.perf_counter()
         cur = Analysis(work)
         cg = _find(cur, g, orig)
-        others = [h.name for h in cur.groups if h is not cg and h.prunable]
         timings["analysis"] += time.perf_counter() - t1
-        res = api.prune(work, keep=keep + others, calib=cal, **args)
-        if res.model is not work:  # pragma: no cover - prune of an ir.Model works in place
-            raise SurgeryError("internal error: a sequential step did not prune the working model in place")
-        for k, v in res.report.get("timings", {}).items():
-            if k not in ("load",):
-                timings[k] = timings.get(k, 0.0) + v
+        t_step: dict[str, float] = {}
+        stats = None
+        if need:  # this group's statistics, on the model as pruned so far
+            from surgery.passes.stats import collect
+
+            t1 = time.perf_counter()
+            stats = collect(cur, cal, [cg], gram=need == "gram")
+            t_step["calibrate"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        ctx = CriterionContext(rng=np.random.default_rng(seed), stats=stats, analysis=cur)
+        removed = select_counts(cur.groups, {cg.id: crit(cg, ctx)}, {cg.id: counts[g.id]}, round_to=round_to,
+                                protected=api._protected(cur, keep))
+        t_step["plan"] = time.perf_counter() - t1
+        res = api._execute(cur, removed, t_step, ts, seed, input_shapes, verify_result,
+                           calib=cal if (need or compensate) else None, compensate=compensate,
+                           reference=reference, output_diffs=False)
+        for k, v in t_step.items():
+            timings[k] = timings.get(k, 0.0) + v
         pg = res.plan.groups
         if len(pg) > 1 or (pg and pg[0].name != cg.name):
             raise SurgeryError(f"internal error: the sequential step for group '{g.name}' pruned "
@@ -179,7 +226,7 @@ def prune_sequential(
         n_removed = len(pg[0].removed_units) if pg else 0
         if pg:
             _compose(pg[0], orig_inits, work, present, removed_orig)
-            counts[g.id] = n_removed
+            done[g.id] = n_removed
         rep = res.report
         comp = rep.get("compensation")
         if comp is not None:
@@ -193,7 +240,6 @@ def prune_sequential(
             "units_removed": n_removed,
             "verify": rep["verify"],
             "compensation": comp,
-            "compensated_output_diff": rep.get("compensated_output_diff"),
             "params_after": rep["params_after"],
             "flops_after": rep["flops_after"],
             "seconds": time.perf_counter() - ts,
@@ -201,8 +247,8 @@ def prune_sequential(
 
     # -- the plan, in the original model's indices ---------------------------------
     t1 = time.perf_counter()
-    chosen = _units_removed(orig, [g for g in order if g.id in counts], removed_orig)
-    for gid, n in counts.items():
+    chosen = _units_removed(orig, [g for g in order if g.id in done], removed_orig)
+    for gid, n in done.items():
         if len(chosen.get(gid, ())) != n:
             name = orig.groups[gid].name
             raise SurgeryError(f"internal error: group '{name}' lost {n} units in its step, but "
