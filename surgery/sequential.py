@@ -88,99 +88,82 @@ class SequentialPlan(Plan):
         return d
 
 
-def prune_sequential(
-    source,
-    example_inputs=None,
-    *,
-    ratio: float | None = None,
-    criterion: str = "l2",
-    global_rank: bool = False,
-    round_to: int = 1,
-    keep=(),
-    seed: int = 0,
-    input_shapes: dict[str, tuple[int, ...]] | None = None,
-    verify_result: bool = True,
-    head_ratio: float | None = None,
-    mlp_ratio: float | None = None,
-    hidden_ratio: float | None = None,
-    head_dim_ratio: float = 0.0,
-    gqa: str = "kv",
-    target_params: float | None = None,
-    target_flops: float | None = None,
-    calib=None,
-    calib_samples: int | None = None,
-    calib_batch: int = 16,
-    compensate: str | None = None,
-    loss=None,
-    strict_config: bool = True,
-):
-    """``surgery.prune`` one group at a time (see the module docstring); same arguments."""
+def prune_sequential(source, example_inputs=None, **options):
+    """``surgery.prune`` one group at a time (see the module docstring); the same keyword
+    arguments, with ``surgery.prune``'s defaults."""
+    import inspect
+    import types
+
     from surgery import api
+
+    defaults = {k: p.default for k, p in inspect.signature(api.prune).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and k != "sequential"}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"prune_sequential() got an unexpected keyword argument '{unknown[0]}'")
+    o = types.SimpleNamespace(**{**defaults, **options})
     from surgery.passes.targets import clone
 
     if api._is_torch_module(source):
         raise SurgeryError("--sequential is for ONNX models; a PyTorch module is pruned in one shot")
-    if example_inputs is not None or loss is not None:
+    if example_inputs is not None or o.loss is not None:
         raise SurgeryError("example_inputs and loss are for PyTorch modules; an ONNX model declares its inputs")
-    if target_params is not None or target_flops is not None:
+    if o.target_params is not None or o.target_flops is not None:
         raise SurgeryError("--target-params/--target-flops search the global ranking on the dense model; "
                            "--sequential prunes one group at a time: give --ratio (and per-kind ratios), "
                            "with --global to spread them over the layers")
     from surgery.passes.criteria import CriterionContext, get_criterion
     from surgery.passes.policy import select, select_counts
 
-    api._check_ratios(ratio, head_ratio, mlp_ratio, hidden_ratio, head_dim_ratio, gqa, round_to)
-    keep = list(keep)
-    crit = get_criterion(criterion)
-    need, _ = api._calibration_checks(crit, criterion, calib, compensate)
+    api._check_ratios(o.ratio, o.head_ratio, o.mlp_ratio, o.hidden_ratio, o.head_dim_ratio, o.gqa, o.round_to)
+    o.keep = list(o.keep)
+    crit = get_criterion(o.criterion)
+    need, _ = api._calibration_checks(crit, o.criterion, o.calib, o.compensate)
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    original = source if isinstance(source, ir.Model) else api.load(source, input_shapes=input_shapes)
-    if verify_result or compensate:
+    original = source if isinstance(source, ir.Model) else api.load(source, input_shapes=o.input_shapes)
+    if o.verify_result or o.compensate:
         ir.external_data.load_to_model(original)  # verification and compensation run from memory
     timings["load"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     orig = Analysis(original)  # names every node; the working copy shares the names
-    by_kind = api._kind_ratios(orig, 0.5 if ratio is None else ratio, head_ratio, mlp_ratio, hidden_ratio,
-                               head_dim_ratio, gqa)
+    by_kind = api._kind_ratios(orig, 0.5 if o.ratio is None else o.ratio, o.head_ratio, o.mlp_ratio, o.hidden_ratio,
+                               o.head_dim_ratio, o.gqa)
     ratios = {g.id: by_kind[g.kind] for g in orig.groups}
-    user_protected = api._protected(orig, keep)
+    user_protected = api._protected(orig, o.keep)
     timings["analysis"] = time.perf_counter() - t1
 
     cal = None
-    if calib is not None:  # read once (a generator too); every step streams the same samples
+    if o.calib is not None:  # read once (a generator too); every step streams the same samples
         from surgery.passes.stats import as_calibration
 
-        cal = as_calibration(calib, original, samples=calib_samples, batch=calib_batch)
+        cal = as_calibration(o.calib, original, samples=o.calib_samples, batch=o.calib_batch)
 
     # -- how many units each group loses: decided once, on the dense model ------------
     t1 = time.perf_counter()
     prunable = [g for g in orig.groups if g.prunable]
-    if global_rank:  # ranked together per kind, with the criterion's scores on the dense model
+    if o.global_rank:  # ranked together per kind, with the criterion's scores on the dense model
         stats = None
         if need:
             from surgery.passes.stats import collect
 
             stats = collect(orig, cal, prunable, gram=need == "gram")
-        ctx = CriterionContext(rng=np.random.default_rng(seed), stats=stats, analysis=orig)
+        ctx = CriterionContext(rng=np.random.default_rng(o.seed), stats=stats, analysis=orig)
         scores = {g.id: crit(g, ctx) for g in prunable}
         comparable = getattr(crit, "scores_comparable", False)
     else:  # the counts of a one-shot prune with the same ratios
         scores = {g.id: np.zeros(len(g.atoms)) for g in prunable}
         comparable = False
-    counts = {gid: len(a) for gid, a in select(orig.groups, scores, ratios, global_rank=global_rank,
-                                               round_to=round_to, protected=user_protected,
+    counts = {gid: len(a) for gid, a in select(orig.groups, scores, ratios, global_rank=o.global_rank,
+                                               round_to=o.round_to, protected=user_protected,
                                                comparable=comparable).items()}
     timings["allocate"] = time.perf_counter() - t1
     order = [g for g in orig.groups if counts.get(g.id, 0) > 0]
     if not order:  # nothing to do one group at a time: the one-shot prune says so
-        res = api.prune(original, keep=keep, calib=calib, calib_samples=calib_samples, calib_batch=calib_batch,
-                        ratio=ratio, criterion=criterion, round_to=round_to, seed=seed, input_shapes=input_shapes,
-                        verify_result=verify_result, head_ratio=head_ratio, mlp_ratio=mlp_ratio,
-                        hidden_ratio=hidden_ratio, head_dim_ratio=head_dim_ratio, gqa=gqa, compensate=compensate)
-        res.plan = SequentialPlan(res.plan.groups, compensate=compensate)
-        res.report.update(sequential=[], compensate=compensate)
+        res = api.prune(original, **vars(o))
+        res.plan = SequentialPlan(res.plan.groups, compensate=o.compensate)
+        res.report.update(sequential=[], compensate=o.compensate)
         return res
 
     work = clone(original)  # shares the weight tensors; every cut and fit replaces them, never writes into them
@@ -188,7 +171,7 @@ def prune_sequential(
     present: dict[tuple[str, int], np.ndarray] = {}  # (tensor, axis) -> original indices still there
     removed_orig: dict[tuple[str, int], set[int]] = {}  # (tensor, axis) -> every index removed, original indices
     reference = None
-    if compensate:  # every consumer is fitted back to the dense model's output (passes/compensate.py)
+    if o.compensate:  # every consumer is fitted back to the dense model's output (passes/compensate.py)
         from surgery.passes.compensate import Reference
 
         reference = Reference(orig, present)
@@ -210,12 +193,12 @@ def prune_sequential(
             stats = collect(cur, cal, [cg], gram=need == "gram")
             t_step["calibrate"] = time.perf_counter() - t1
         t1 = time.perf_counter()
-        ctx = CriterionContext(rng=np.random.default_rng(seed), stats=stats, analysis=cur)
-        removed = select_counts(cur.groups, {cg.id: crit(cg, ctx)}, {cg.id: counts[g.id]}, round_to=round_to,
-                                protected=api._protected(cur, keep))
+        ctx = CriterionContext(rng=np.random.default_rng(o.seed), stats=stats, analysis=cur)
+        removed = select_counts(cur.groups, {cg.id: crit(cg, ctx)}, {cg.id: counts[g.id]}, round_to=o.round_to,
+                                protected=api._protected(cur, o.keep))
         t_step["plan"] = time.perf_counter() - t1
-        res = api._execute(cur, removed, t_step, ts, seed, input_shapes, verify_result,
-                           calib=cal if (need or compensate) else None, compensate=compensate,
+        res = api._execute(cur, removed, t_step, ts, o.seed, o.input_shapes, o.verify_result,
+                           calib=cal if (need or o.compensate) else None, compensate=o.compensate,
                            reference=reference, output_diffs=False)
         for k, v in t_step.items():
             timings[k] = timings.get(k, 0.0) + v
@@ -261,7 +244,7 @@ def prune_sequential(
                    if listed.get(k, set()) != removed_orig.get(k, set()))
         raise SurgeryError(f"internal error: the sequential cuts of '{bad[0]}' axis {bad[1]} are not those of "
                            f"whole units of the original model")
-    plan = SequentialPlan(base.groups, compensate=compensate)
+    plan = SequentialPlan(base.groups, compensate=o.compensate)
     # the plan replayed on the original (no compensation) has exactly the final structure
     from surgery.passes.targets import cut_copy
 
@@ -271,19 +254,19 @@ def prune_sequential(
 
     verify_composed = None
     comp_diffs = None
-    if (verify_result or compensate) and plan.groups:
+    if (o.verify_result or o.compensate) and plan.groups:
         t1 = time.perf_counter()
         original_proto = ir.to_proto(original)
-        if compensate is None and verify_result:
+        if o.compensate is None and o.verify_result:
             # the whole sequence against the original, masked by the composed plan
             from surgery.frontends.onnx_loader import concrete_input_shapes
             from surgery.verify import random_feeds, verify
 
             inexact = sorted({g.inexact_reason for g in orig.groups if g.id in chosen and g.inexact_reason})
-            feeds = random_feeds(original, concrete_input_shapes(original, input_shapes), seed)
+            feeds = random_feeds(original, concrete_input_shapes(original, o.input_shapes), o.seed)
             verify_composed = verify(original_proto, ir.to_proto(work), plan.tensor_cuts(), feeds,
                                      "; ".join(inexact) or None).as_dict()
-        if compensate is not None:
+        if o.compensate is not None:
             from surgery.passes.compensate import output_diffs
 
             comp_diffs = output_diffs(original_proto, [ir.to_proto(replay), ir.to_proto(work)], cal)
@@ -306,14 +289,14 @@ def prune_sequential(
         "pruned_by_kind": {k: sum(len(chosen[g.id]) for g in groups if g.id in chosen and g.kind == k)
                            for k in sorted({g.kind for g in groups})},
         "sequential": steps,
-        "compensate": compensate,
+        "compensate": o.compensate,
     }
     if verify_composed is not None:
         report["verify_composed"] = verify_composed
     if cal is not None:
         report["calibration"] = cal.summary()
     if comp_diffs is not None:
-        report["compensation"] = {"mode": compensate, "applied": applied, "skipped": skipped,
+        report["compensation"] = {"mode": o.compensate, "applied": applied, "skipped": skipped,
                                   "uncompensated_output_diff": comp_diffs[0]}
         report["compensated_output_diff"] = comp_diffs[1]
     return api.Result(work, plan, report, orig)
