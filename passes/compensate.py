@@ -420,7 +420,7 @@ def prepare(analysis, removed: dict[int, np.ndarray], calib: Calibration, mode: 
             for t in targets:
                 acc = t.acc[held]
                 need_y = acc.G is None or acc.C is not None  # bias mode, or a dense target
-                Wk = t.W[:, t.kept]
+                Wk = t.W[:, t.kept] if t.ref is not None else None
                 width = None
                 fds = itertools.repeat(None)
                 if t.ref is not None:
@@ -434,15 +434,18 @@ def prepare(analysis, removed: dict[int, np.ndarray], calib: Calibration, mode: 
                         acc.G += f.T @ f
                     if not need_y:
                         continue
-                    y = t.target(f, fd)
                     if acc.C is not None:
+                        y = t.target(f, fd)
                         acc.C[:-1] += f.T @ y
                         acc.C[-1] += y.sum(axis=0)
                         acc.yy += float(np.sum(np.square(y)))
+                        continue
+                    if t.ref is None:  # our own output: the residual is what the removed features add
+                        r = f[:, t.removed] @ t.W[:, t.removed].T
                     else:
-                        r = y - f[:, t.kept] @ Wk.T - t.b
-                        acc.rs = r.sum(axis=0) + (0.0 if acc.rs is None else acc.rs)
-                        acc.rr += float(np.sum(np.square(r)))
+                        r = t.target(f, fd) - f[:, t.kept] @ Wk.T - t.b
+                    acc.rs = r.sum(axis=0) + (0.0 if acc.rs is None else acc.rs)
+                    acc.rr += float(np.sum(np.square(r)))
 
         refs = [t for t in targets if t.ref is not None]
         run_calibration(analysis.model, calib, sorted({t.c.x for t in targets}), take,

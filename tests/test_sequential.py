@@ -266,6 +266,25 @@ def test_lstsq_fits_each_consumer_to_the_dense_models_output():
     print(f"\nmlp chain, held-back MSE to dense: one-shot lstsq {e_one:.5f}, sequential lstsq {e_seq:.5f}")
 
 
+def test_bias_folds_the_mean_gap_to_the_dense_output():
+    """--compensate bias in a sequential step: the bias becomes the dense output's mean minus
+    the cut layer's, over the fit samples, on the inputs of the model as pruned so far."""
+    from surgery.passes.stats import HOLDOUT_EVERY
+
+    x = np.random.default_rng(4).standard_normal((200, 8)).astype(np.float32)
+    chain = _mlp_chain()
+    res = surgery.prune(chain, ratio=0.5, sequential=True, compensate="bias", calib={"x": x})
+    assert "Gemm_4" in [a["consumer"] for a in res.report["compensation"]["applied"]]
+    ini = {n: v.const_value.numpy().astype(np.float64) for n, v in res.model.graph.initializers.items()}
+    dense = {i.name: onnx.numpy_helper.to_array(i).astype(np.float64) for i in chain.graph.initializer}
+    relu = lambda v: np.maximum(v, 0.0)  # noqa: E731
+    xd = x.astype(np.float64)
+    y = relu(relu(xd @ dense["W1"].T + dense["b1"]) @ dense["W2"].T + dense["b2"]) @ dense["W3"].T + dense["b3"]
+    f = relu(relu(xd @ ini["W1"].T + ini["b1"]) @ ini["W2"].T + ini["b2"])
+    fit = np.arange(len(x)) % HOLDOUT_EVERY != HOLDOUT_EVERY - 1
+    np.testing.assert_allclose(ini["b3"], (y[fit] - f[fit] @ ini["W3"].T).mean(0), rtol=1e-4, atol=1e-5)
+
+
 def test_nothing_to_prune_is_the_one_shot_result():
     res = surgery.prune(RESNET, ratio=0.0, sequential=True)
     assert res.report["sequential"] == [] and res.report["groups_pruned"] == 0
