@@ -44,7 +44,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from surgery.errors import SurgeryError
 from surgery.passes.stats import (
-    HOLDOUT_EVERY, MAX_GRAM, Calibration, Consumer, channels_last, find_consumers, run_calibration,
+    HOLDOUT_EVERY, MAX_GRAM, Calibration, Consumer, channels_last, find_consumers, passes, run_calibration,
 )
 
 MODES = ("bias", "lstsq")
@@ -208,10 +208,11 @@ class _Target:
     removed: np.ndarray  # removed features
     kept: np.ndarray  # kept features
     geo: _ConvGeometry | None
-    acc: dict
+    acc: dict | None  # {held back: _Acc} while its statistics are gathered
     # reference: (dense consumer, its Theta = [W, b] over our kept outputs, its conv geometry,
     # those outputs' dense indices, the dense output count)
     ref: tuple | None = None
+    solution: tuple | str | None = None  # (new W or None, bias change, error before, after) or why not
 
     def target(self, f: np.ndarray, fd: np.ndarray | None) -> np.ndarray:
         """The output to match on these rows: the dense model's (reference), else our own."""
@@ -292,6 +293,27 @@ class Compensation:
         self.reference = reference
 
     # -- solving -----------------------------------------------------------
+    def settle(self, t: _Target) -> None:
+        """``t.solution``: (new W or None, bias change, held-back error before, after), or the
+        reason it is not applied. Run once its statistics are complete; frees them."""
+        t.solution = self._check(t)
+        t.acc = None
+
+    def _check(self, t: _Target):
+        if t.acc[True].n == 0:
+            return (f"no held-back samples to check it on (every {HOLDOUT_EVERY}th sample is held back; "
+                    f"give at least {HOLDOUT_EVERY})")
+        if t.acc[False].n == 0:
+            return "no calibration samples to fit it on"
+        newW, db, e0, e = self._solve(t)
+        if not np.isfinite(e) or not np.all(np.isfinite(db)) or (newW is not None and not np.all(np.isfinite(newW))):
+            return "the fit is not finite"
+        if e > e0:
+            return f"it would raise the held-back reconstruction error from {e0:.4g} to {e:.4g}"
+        if not e < e0:
+            return f"it would not lower the held-back reconstruction error ({e0:.4g})"
+        return newW, db, e0, e
+
     def _solve(self, t: _Target):
         """(new W over kept features or None, bias change, held-back error before, after)."""
         fit, hold = t.acc[False], t.acc[True]
@@ -331,25 +353,10 @@ class Compensation:
         applied, skipped = [], list(self.skipped)
         for t in self.targets:
             name = t.c.name
-            if t.acc[True].n == 0:
-                skipped.append({"consumer": name, "why": f"no held-back samples to check it on (every "
-                                f"{HOLDOUT_EVERY}th sample is held back; give at least {HOLDOUT_EVERY})"})
+            if isinstance(t.solution, str):
+                skipped.append({"consumer": name, "why": t.solution})
                 continue
-            if t.acc[False].n == 0:
-                skipped.append({"consumer": name, "why": "no calibration samples to fit it on"})
-                continue
-            newW, db, e0, e = self._solve(t)
-            if not np.isfinite(e) or not np.all(np.isfinite(db)) or (newW is not None and not np.all(np.isfinite(newW))):
-                skipped.append({"consumer": name, "why": "the fit is not finite"})
-                continue
-            if e > e0:
-                skipped.append({"consumer": name, "why": f"it would raise the held-back reconstruction error "
-                                f"from {e0:.4g} to {e:.4g}"})
-                continue
-            if not e < e0:
-                skipped.append({"consumer": name, "why": f"it would not lower the held-back reconstruction error "
-                                f"({e0:.4g})"})
-                continue
+            newW, db, e0, e = t.solution
             why = _write(model, t, newW, db)
             if why:
                 skipped.append({"consumer": name, "why": why})
@@ -410,14 +417,20 @@ def prepare(analysis, removed: dict[int, np.ndarray], calib: Calibration, mode: 
                 b = reference.outside_bias.get(c.name, np.zeros(int(orig_out.max(initial=-1)) + 1))[orig_out]
         feat_removed = (np.asarray(rem)[:, None] * taps + np.arange(taps)[None, :]).ravel()
         feat_kept = np.setdiff1d(np.arange(F), feat_removed)
-        gram = mode == "lstsq"
-        cross = len(keep_out) if ref is not None else None
         targets.append(_Target(c, len(rem), W[keep_out], b[keep_out], np.sort(feat_removed), feat_kept, geo,
-                               {False: _Acc(F, gram, cross), True: _Acc(F, gram, cross)}, ref))
+                               None, ref))
 
-    if targets:
-        def take(outs: dict[str, np.ndarray], held: bool, dense: dict[str, np.ndarray] | None = None) -> None:
-            for t in targets:
+    comp = Compensation(mode, targets, skipped, calib, reference)
+    gram = mode == "lstsq"
+    # Gram matrices (fit and held-back) of at most MAX_GRAM_BYTES at once: more take more passes
+    for part in passes(targets, lambda t: 16 * (t.W.shape[1] + 1) ** 2 if gram else 0) if targets else []:
+        for t in part:
+            cross = len(t.W) if t.ref is not None else None
+            t.acc = {False: _Acc(t.W.shape[1], gram, cross), True: _Acc(t.W.shape[1], gram, cross)}
+
+        def take(outs: dict[str, np.ndarray], held: bool, dense: dict[str, np.ndarray] | None = None,
+                 part=part) -> None:
+            for t in part:
                 acc = t.acc[held]
                 need_y = acc.G is None or acc.C is not None  # bias mode, or a dense target
                 Wk = t.W[:, t.kept] if t.ref is not None else None
@@ -447,10 +460,12 @@ def prepare(analysis, removed: dict[int, np.ndarray], calib: Calibration, mode: 
                     acc.rs = r.sum(axis=0) + (0.0 if acc.rs is None else acc.rs)
                     acc.rr += float(np.sum(np.square(r)))
 
-        refs = [t for t in targets if t.ref is not None]
-        run_calibration(analysis.model, calib, sorted({t.c.x for t in targets}), take,
+        refs = [t for t in part if t.ref is not None]
+        run_calibration(analysis.model, calib, sorted({t.c.x for t in part}), take,
                         reference=(reference.run, sorted({t.ref[0].x for t in refs})) if refs else None)
-    return Compensation(mode, targets, skipped, calib, reference)
+        for t in part:
+            comp.settle(t)
+    return comp
 
 
 def _dense_counterpart(reference: Reference, c: Consumer, n_out: int, keep_out: np.ndarray):

@@ -54,6 +54,7 @@ from surgery.errors import SurgeryError
 
 HOLDOUT_EVERY = 5  # every 5th sample is held back (20%)
 MAX_GRAM = 4096  # widest consumer input (channels or features) whose Gram matrix is kept
+MAX_GRAM_BYTES = 2 * 1024**3  # Gram matrices held at once; more take more passes over the data
 CONSUMER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
@@ -572,16 +573,38 @@ def collect(analysis, calib: Calibration, groups=None, *, gram: bool = False) ->
         if g:
             stats.gram_wanted.add(key)
 
-    def take(outs: dict[str, np.ndarray], held: bool) -> None:
-        for (name, k), parts in stats.parts.items():
-            x = outs[name]
-            if x.shape[k] != sizes[(name, k)]:
-                raise SurgeryError(f"calibration run gives '{name}' {x.shape[k]} channels on axis {k}, "
-                                   f"the analysis expects {sizes[(name, k)]}")
-            xs = channels_last(x, k)
-            parts["all"].add(xs)
-            if held:
-                parts["held"].add(xs)
+    def gather(keys):
+        def take(outs: dict[str, np.ndarray], held: bool) -> None:
+            for name, k in keys:
+                parts = stats.parts[(name, k)]
+                x = outs[name]
+                if x.shape[k] != sizes[(name, k)]:
+                    raise SurgeryError(f"calibration run gives '{name}' {x.shape[k]} channels on axis {k}, "
+                                       f"the analysis expects {sizes[(name, k)]}")
+                xs = channels_last(x, k)
+                parts["all"].add(xs)
+                if held:
+                    parts["held"].add(xs)
 
-    run_calibration(analysis.model, calib, sorted({n for n, _ in want}), take)
+        return take
+
+    for keys in passes(list(want), lambda key: 8 * sizes[key] ** 2 if want[key] else 0):
+        run_calibration(analysis.model, calib, sorted({n for n, _ in keys}), gather(keys))
     return stats
+
+
+def passes(items: list, gram_bytes: Callable[[Any], int]) -> list[list]:
+    """``items`` split into passes over the calibration data whose Gram matrices together
+    take at most ``MAX_GRAM_BYTES`` (one item over it gets a pass of its own); the items
+    without a Gram matrix go with the first. Memory then stays bounded by the budget and
+    one run's outputs, whatever the number of layers."""
+    out: list[list] = [[]]
+    used = 0
+    for item in sorted(items, key=lambda i: gram_bytes(i) > 0):
+        b = gram_bytes(item)
+        if b and used and used + b > MAX_GRAM_BYTES:
+            out.append([])
+            used = 0
+        out[-1].append(item)
+        used += b
+    return [p for p in out if p] or [[]]

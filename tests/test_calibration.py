@@ -135,6 +135,23 @@ def test_samples_of_different_shapes_are_batched_by_shape():
     np.testing.assert_allclose(st.moments("h2", 1, part="held").s1, held.sum(0), rtol=1e-5)
 
 
+def test_gram_budget_splits_the_passes_not_the_statistics(monkeypatch):
+    """Gram matrices past MAX_GRAM_BYTES are gathered in more passes over the data, so
+    memory stays bounded whatever the number of layers; the statistics are the same."""
+    import surgery.passes.stats as S
+
+    x = {"input": _rand((10, 3, 32, 32))}
+    one, c1 = _stats(RESNET, x)
+    runs_one = c1.n_runs
+    calls = []
+    real = S.run_calibration
+    monkeypatch.setattr(S, "run_calibration", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(S, "MAX_GRAM_BYTES", 8 * 64 * 64)  # one 64-channel Gram at a time
+    many, _ = _stats(RESNET, x)
+    assert len(calls) > 3 and runs_one == 2
+    _assert_same(one, many, rtol=1e-9)
+
+
 def test_calib_samples_caps_the_data():
     x = {"input": _rand((30, 3, 32, 32))}
     full, _ = _stats(RESNET, {"input": x["input"][:10]}, gram=False)
