@@ -46,7 +46,6 @@ import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -70,6 +69,7 @@ from surgery.frontends.torch_export import quiet  # noqa: E402
 import onnx  # noqa: E402
 
 import surgery  # noqa: E402
+from common import machine  # noqa: E402
 
 DATA_AWARE = ("activation", "wanda", "flap", "obs")
 COMPENSATIONS = ("none", "bias", "lstsq")
@@ -499,10 +499,11 @@ def main(argv=None) -> int:
     # "unsupported broadcast between Min(512, seq) seq" on every load of the MiniLM export
     logging.getLogger("_surgery_ort_symbolic_shape_infer").setLevel(logging.ERROR)
     t_start = time.perf_counter()
-    print(f"python {platform.python_version()}, torch {_version('torch')}, transformers "
-          f"{_version('transformers')}, onnx {_version('onnx')}, onnxruntime {_version('onnxruntime')}, "
-          f"scikit-learn {_version('scikit-learn')}, numpy {np.__version__}; nproc {os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    m = machine("torch", "transformers", "sklearn")
+    print(f"python {m['python']}, torch {m['torch']}, transformers "
+          f"{m['transformers']}, onnx {m['onnx']}, onnxruntime {m['onnxruntime']}, "
+          f"scikit-learn {m['sklearn']}, numpy {m['numpy']}; nproc {m['nproc']}, "
+          f"load average {m['loadavg'][0]:.2f}")
     print(f"calibration samples {args.calib_samples}, MiniLM evaluation chunks {args.eval_samples}, "
           f"ratios {ratios}, criteria {criteria}, compensations {comps}; modes {modes} for {args.mode_rows}",
           flush=True)

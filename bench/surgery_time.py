@@ -20,7 +20,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import sys
 import time
@@ -43,6 +42,7 @@ from rich.table import Table  # noqa: E402
 
 import surgery  # noqa: E402
 import synthetic  # noqa: E402
+from common import machine  # noqa: E402
 
 STAGES = ("load", "analysis", "plan", "emit", "verify")
 #: the speed target: analysis+plan+emit under this many seconds for these graphs
@@ -52,41 +52,6 @@ REFERENCE = (
     "Reference (leading PyTorch pruning library, build+prune, this machine): "
     "ResNet-50 ~0.2-0.45 s; DenseNet-201 18 s (idle) to 42 s (busy)."
 )
-
-
-# --------------------------------------------------------------------------- machine
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = (float("nan"),) * 3
-    import numpy
-    import onnxruntime
-
-    return {
-        "nproc": usable,
-        "cpu": cpu,
-        "loadavg": load,
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "surgery": getattr(surgery, "__version__", "?"),
-    }
 
 
 # --------------------------------------------------------------------------- memory

@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,7 +43,9 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parent.parent
 # ``python bench/transformer_latency.py`` puts bench/ first on sys.path; put the repo
 # root first so ``import surgery`` is the regular package (see surgery_time.py).
-for _p in (str(_ROOT / "bench"), str(_ROOT)):
+# tests/ (last of the three) for ``corpus_transformers``: the models get the same
+# random biases and norm gammas as the test corpus's, from the same function.
+for _p in (str(_ROOT / "tests"), str(_ROOT / "bench"), str(_ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
@@ -54,6 +55,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import surgery  # noqa: E402
+from common import machine  # noqa: E402
+from corpus_transformers import draw_biases_and_norms  # noqa: E402
 
 PRUNE_KW = dict(ratio=0.0, head_ratio=0.5, mlp_ratio=0.5, hidden_ratio=0.0)
 REFERENCE = (
@@ -125,18 +128,8 @@ def torch_module(spec: Spec, attn: str):
     hf = getattr(transformers, spec.cls)(cfg, **spec.kwargs)
     # HF init leaves biases at 0 and norm gammas at 1; the dynamo exporter's optimizer
     # deduplicates equal initializers, so every layer would share one bias tensor. Draw
-    # them at random (as tests/corpus_transformers.py does) so each layer has its own.
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for pname, p in hf.named_parameters():
-            owner = hf.get_submodule(pname.rsplit(".", 1)[0]) if "." in pname else hf
-            is_norm = "norm" in type(owner).__name__.lower()
-            if pname.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-            elif is_norm and pname.endswith("weight"):
-                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
-            elif "cls_token" in pname or "mask_token" in pname:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    # them at random (as the test corpus does) so each layer has its own.
+    draw_biases_and_norms(hf, seed)
     hf.eval()
 
     class TextWithMask(torch.nn.Module):
@@ -335,32 +328,6 @@ def bench_model(spec: Spec, args, console: Console) -> dict:
 # --------------------------------------------------------------------------- output
 
 
-def machine() -> dict:
-    import onnxruntime
-    import torch
-    import transformers
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = (float("nan"),) * 3
-    return {"nproc": usable, "cpu": cpu, "loadavg": load, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "surgery": getattr(surgery, "__version__", "?")}
-
-
 def _m(n: int) -> str:
     return f"{n / 1e6:.1f}M"
 
@@ -413,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         if not s.image_size and args.seq > s.max_seq:
             parser.error(f"--seq {args.seq} exceeds {s.name}'s exported maximum {s.max_seq}")
 
-    m = machine()
+    m = machine("torch", "transformers")
     console.print(f"[bold]Machine[/bold]: {m['nproc']} CPUs (nproc), {m['cpu']}; "
                   f"load average {m['loadavg'][0]:.2f} {m['loadavg'][1]:.2f} {m['loadavg'][2]:.2f} at start")
     console.print(f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, onnx {m['onnx']}, "

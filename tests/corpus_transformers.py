@@ -74,7 +74,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["TCase", "TCASES", "build", "case", "names", "torch_module", "make_inputs", "SKIPPED_EXPORTS"]
+__all__ = ["TCase", "TCASES", "build", "case", "names", "torch_module", "make_inputs", "SKIPPED_EXPORTS",
+           "draw_biases_and_norms"]
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,30 @@ def _model_key(name: str) -> tuple[str, str, int | None, str]:
     return model, impl, opset, variant
 
 
+def draw_biases_and_norms(hf, seed: int) -> None:
+    """Redraw, in place, every bias and cls/mask token of the HF model ``hf`` from
+    normal * 0.02 and every norm gamma from 1 + normal * 0.1 (see the module docstring).
+
+    ``seed`` is the one the model was built with (``torch.manual_seed(seed)``); the
+    draws come, in ``hf.named_parameters()`` order, from a generator seeded with
+    ``seed + 1``, so they are the same on every call.  Also used by
+    bench/transformer_latency.py.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for pname, p in hf.named_parameters():
+            owner = hf.get_submodule(pname.rsplit(".", 1)[0]) if "." in pname else hf
+            is_norm = "norm" in type(owner).__name__.lower()
+            if pname.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            elif is_norm and pname.endswith("weight"):
+                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
+            elif "cls_token" in pname or "mask_token" in pname:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
 def _hf_module(model: str, impl: str):
     """The wrapped, seeded, eval-mode torch model (deterministic: same weights every call)."""
     import torch
@@ -201,17 +226,7 @@ def _hf_module(model: str, impl: str):
     hf = getattr(transformers, spec["cls"])(cfg, **spec["kwargs"])
     assert hf.config._attn_implementation == impl, (model, hf.config._attn_implementation)
 
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for pname, p in hf.named_parameters():
-            owner = hf.get_submodule(pname.rsplit(".", 1)[0]) if "." in pname else hf
-            is_norm = "norm" in type(owner).__name__.lower()
-            if pname.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-            elif is_norm and pname.endswith("weight"):
-                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
-            elif "cls_token" in pname or "mask_token" in pname:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    draw_biases_and_norms(hf, seed)
     hf.eval()
 
     # Explicit forward signatures: torch.export keys dynamic_shapes by argument name.

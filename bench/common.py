@@ -1,0 +1,53 @@
+"""Helpers shared by the benchmark scripts in bench/ (imported as ``common``: each
+script puts bench/ and the repo root on sys.path before importing it)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+from pathlib import Path
+
+#: the libraries every benchmark reports, after any extra ones a caller asks for
+COMMON_MODULES = ("numpy", "onnx", "onnxruntime")
+
+
+def _module_version(name: str) -> str:
+    try:
+        return importlib.import_module(name).__version__
+    except ImportError:
+        return "not installed"
+
+
+def machine(*extra_modules: str) -> dict:
+    """The machine and library versions a benchmark prints in its header and writes to JSON.
+
+    Keys, in order: ``nproc`` (the CPUs this process may use), ``cpu`` (the model name
+    from /proc/cpuinfo), ``loadavg`` (1, 5, 15 minutes), ``python``, the ``__version__``
+    of each of ``extra_modules`` (e.g. ``"torch"``, ``"transformers"``) and of
+    numpy, onnx, onnxruntime (``"not installed"`` for a module that does not import),
+    and ``surgery``.
+    """
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (float("nan"),) * 3
+    import surgery
+
+    info = {"nproc": usable, "cpu": cpu, "loadavg": load, "python": platform.python_version()}
+    for name in dict.fromkeys(extra_modules + COMMON_MODULES):
+        info[name] = _module_version(name)
+    info["surgery"] = getattr(surgery, "__version__", "?")
+    return info
