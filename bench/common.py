@@ -4,6 +4,7 @@ script puts bench/ and the repo root on sys.path before importing it)."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import platform
 from pathlib import Path
@@ -51,3 +52,14 @@ def machine(*extra_modules: str) -> dict:
         info[name] = _module_version(name)
     info["surgery"] = getattr(surgery, "__version__", "?")
     return info
+
+
+def finish(console, json_path, payload: dict, failures: list) -> int:
+    """Write ``payload`` (plus the failures) as JSON when asked, print each failure's
+    traceback, and give the exit status: 1 if anything failed."""
+    if json_path:
+        Path(json_path).write_text(json.dumps({**payload, "failures": failures}, indent=1, default=str))
+    for name, tb in failures:
+        console.print(f"[red]{name} failed:[/red]")
+        console.print(tb, markup=False, highlight=False)
+    return 1 if failures else 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import math
 import os
 import resource
@@ -42,7 +41,7 @@ from rich.table import Table  # noqa: E402
 
 import surgery  # noqa: E402
 import synthetic  # noqa: E402
-from common import machine  # noqa: E402
+from common import finish, machine  # noqa: E402
 
 STAGES = ("load", "analysis", "plan", "emit", "verify")
 #: the speed target: analysis+plan+emit under this many seconds for these graphs
@@ -299,13 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         pass
 
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": m, "args": vars(args), "memory": mem,
-                                               "results": results, "failures": failures}, indent=1, default=str))
-    for name, tb in failures:
-        console.print(f"[red]{name} failed:[/red]")
-        console.print(tb, markup=False, highlight=False)
-    return 1 if failures else 0
+    return finish(console, args.json, {"machine": m, "args": vars(args), "memory": mem, "results": results}, failures)
 
 
 if __name__ == "__main__":

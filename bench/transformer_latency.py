@@ -25,18 +25,13 @@ from __future__ import annotations
 from surgery.frontends.torch_export import quiet
 
 import argparse
-import contextlib
 import gc
-import io
-import json
-import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +50,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import surgery  # noqa: E402
-from common import machine  # noqa: E402
+from common import finish, machine  # noqa: E402
 from corpus_transformers import draw_biases_and_norms  # noqa: E402
 
 PRUNE_KW = dict(ratio=0.0, head_ratio=0.5, mlp_ratio=0.5, hidden_ratio=0.0)
@@ -454,13 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         console.print()
 
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": m, "args": vars(args), "results": results,
-                                               "failures": failures}, indent=1, default=str))
-    for name, tb in failures:
-        console.print(f"[red]{name} failed:[/red]")
-        console.print(tb, markup=False, highlight=False)
-    return 1 if failures else 0
+    return finish(console, args.json, {"machine": m, "args": vars(args), "results": results}, failures)
 
 
 if __name__ == "__main__":
