@@ -71,7 +71,7 @@ import onnx  # noqa: E402
 import surgery  # noqa: E402
 from common import machine  # noqa: E402
 
-DATA_AWARE = ("activation", "wanda", "flap", "obs")
+DATA_AWARE = ("activation", "wanda", "flap", "obs", "obs-greedy")
 COMPENSATIONS = ("none", "bias", "lstsq")
 MODES = {"one-shot": {}, "sequential": {"sequential": True}, "global": {"global_rank": True},
          "sequential+global": {"sequential": True, "global_rank": True}}

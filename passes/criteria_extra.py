@@ -38,6 +38,13 @@ consumer reading the group:
   inputs wider than ``MAX_GRAM`` channels use the diagonal of H
   (``sum W^2 * H_cc``).
 
+- ``obs-greedy``: the same cost, with the units removed greedily in up to ``OBS_ROUNDS``
+  rounds, every consumer's remaining weights and inverse Hessian updated after each
+  round (OBS), so two correlated units are not both kept (or both removed) on the same
+  evidence; scores are the costs at removal, non-decreasing in removal order. Measured
+  on MiniLM at 50% (bench/README.md): level with ``obs`` one-shot, better in sequential
+  pruning.
+
 A group no consumer reads through a weight (attention query/key channels, which meet
 only another activation) is scored from its own activations: ``activation`` as
 above; ``wanda`` = group-L2 of its weights x RMS of its activations; ``flap`` = group
@@ -56,6 +63,7 @@ from surgery.passes.stats import MAX_GRAM, Stats
 FPGM_REFERENCES = 2048
 FLAP_SHIFT = 1000.0
 OBS_DAMP = 0.01
+OBS_ROUNDS = 128  # obs-greedy: at most this many removal rounds per group
 
 # (domain, op) -> input index of the per-channel scale
 NORM_SCALE = {
@@ -264,3 +272,86 @@ def obs_increase(c, m, U) -> np.ndarray:
         Q = np.einsum("oit,ojt->ij", WS, WS)
         out[u] = float(np.trace(np.linalg.solve(Hinv[np.ix_(S, S)], Q)))
     return out
+
+
+@criterion("obs-greedy")
+@data_aware("gram")
+def obs_greedy_criterion(group: Group, ctx: CriterionContext) -> np.ndarray:
+    st = _stats(ctx, "obs-greedy")
+    cons = st.consumers(group)
+    if not cons:
+        return per_index(group, "sumsq", np.square) * _own_activations(st, group, "obs-greedy")[1]
+    return obs_greedy([(c, st.moments(c.x, c.x_axis), U) for c, U in cons], len(group.atoms))
+
+
+def _hessian(c, m):
+    """(H = G/n + lambda I, lambda), or (None, lambda) where only its diagonal is used."""
+    diag = m.mean_sq
+    lam = OBS_DAMP * float(diag.mean()) + 1e-12
+    grouped = c.op in ("Conv", "ConvTranspose") and int(c._attr("group", 1)) > 1
+    if m.gram is None or grouped or len(diag) > MAX_GRAM:
+        return None, lam
+    return m.gram / max(m.n, 1.0) + lam * np.eye(len(diag)), lam
+
+
+def obs_greedy(cons, n_units: int) -> np.ndarray:
+    """Per unit: the rise of the consumers' reconstruction error when it is removed, with
+    the units removed greedily, ``ceil(n / OBS_ROUNDS)`` per round, lowest total cost
+    first, and after each round every consumer's remaining weights and inverse Hessian
+    updated as OBS prescribes (``W -= W_S [H^-1]_SS^-1 [H^-1]_S:``, ``H^-1 -=
+    [H^-1]_:S [H^-1]_SS^-1 [H^-1]_S:``). Unlike scoring every unit against the full
+    layer, two correlated units are then not both kept (or both removed) on the strength
+    of the same evidence. Scores are the costs at removal, made non-decreasing in removal
+    order, so the lowest ``k`` are the first ``k`` removed."""
+    static = np.zeros(n_units)
+    states = []
+    for c, m, U in cons:
+        H, lam = _hessian(c, m)
+        if H is None:
+            static += U.T @ (c.col_sq * (m.mean_sq + lam))
+            continue
+        W = c.dense_weight()  # (O, C, T): every tap a row of outputs
+        W2 = np.ascontiguousarray(W.transpose(0, 2, 1).reshape(-1, W.shape[1]))
+        Uc = U.tocsc()
+        sets = [Uc.indices[Uc.indptr[u] : Uc.indptr[u + 1]] for u in range(n_units)]
+        states.append([np.linalg.inv(H), W2, sets])
+    alive = np.arange(n_units)
+    scores = np.zeros(n_units)
+    level = -np.inf
+    per_round = max(1, -(-n_units // OBS_ROUNDS))
+    while len(alive):
+        cost = static[alive].copy()
+        for Hinv, W2, sets in states:
+            d = np.maximum(np.diag(Hinv), 1e-300)
+            col = np.einsum("ij,ij->j", W2, W2) / d
+            for i, u in enumerate(alive):
+                S = sets[u]
+                if len(S) == 1:
+                    cost[i] += col[S[0]]
+                elif len(S) > 1:
+                    WS = W2[:, S]
+                    cost[i] += float(np.trace(np.linalg.solve(Hinv[np.ix_(S, S)], WS.T @ WS)))
+        order = np.argsort(cost, kind="stable")[:per_round]
+        for i in order:
+            level = max(level, float(cost[i]))
+            scores[alive[i]] = level
+        gone = alive[order]
+        alive = np.delete(alive, order)
+        if not len(alive):
+            break
+        for st in states:
+            Hinv, W2, sets = st
+            S = np.concatenate([sets[u] for u in gone]).astype(np.int64)
+            if not len(S):
+                continue
+            try:
+                K = np.linalg.solve(Hinv[np.ix_(S, S)], Hinv[S, :])  # [H^-1]_SS^-1 [H^-1]_S:
+            except np.linalg.LinAlgError:
+                K = np.linalg.lstsq(Hinv[np.ix_(S, S)], Hinv[S, :], rcond=None)[0]
+            st[1] = W2 - W2[:, S] @ K
+            st[0] = Hinv - Hinv[:, S] @ K
+            st[1][:, S] = 0.0
+            st[0][S, :] = 0.0
+            st[0][:, S] = 0.0
+            st[0][S, S] = 1.0  # removed: no cost, no coupling (never scored again)
+    return scores

@@ -29,7 +29,7 @@ from corpus import build
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = ["l1", "l2", "random", "bn-scale", "fpgm", "lamp", "activation", "wanda", "flap", "obs"]
-DATA_AWARE = ["activation", "wanda", "flap", "obs"]
+DATA_AWARE = ["activation", "wanda", "flap", "obs", "obs-greedy"]
 # every prunable group of these has a BatchNormalization
 WITH_BN = {"resnet_tiny", "dynamic_batch-ir"}
 MODELS = ["resnet_tiny", "dynamic_batch-ir", "gemm-ir", "matmul_nhwc-ir", "split-ir", "depth_to_space-ir",
@@ -82,7 +82,7 @@ def test_every_criterion_scores_every_unit_and_the_cut_is_exact(name):
         assert res.report["params_after"] < res.report["params_before"]
 
 
-@pytest.mark.parametrize("crit", ["activation", "wanda", "flap", "obs"])
+@pytest.mark.parametrize("crit", ["activation", "wanda", "flap", "obs", "obs-greedy"])
 def test_global_ranking_with_data_aware_criteria_is_exact(crit):
     analysis = surgery.analyze(_source("resnet_tiny"))
     res = surgery.prune(_source("resnet_tiny"), ratio=0.4, criterion=crit, global_rank=True, calib=_calib(analysis))
@@ -232,3 +232,30 @@ def test_entry_point_plugin(registry, monkeypatch):
         surgery.prune(build("gemm-ir"), criterion="ep-broken")
     with pytest.raises(SurgeryError, match="unknown criterion 'nope'"):
         surgery.prune(build("gemm-ir"), criterion="nope")
+
+
+def test_obs_greedy_keeps_one_of_two_duplicate_channels():
+    """Two channels that always carry the same value: each alone can be removed at no cost
+    (the other takes its weight), so one-shot obs scores both lowest and removes both;
+    obs-greedy removes one, updates the other's weight and Hessian, and then keeps it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    W1 = rng.standard_normal((6, 8)).astype(np.float32)  # wider input: no other channel is redundant
+    W1[1] = W1[0]  # hidden channels 0 and 1 are identical
+    W2 = rng.standard_normal((3, 6)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "W1"], ["h"], transB=1),
+             helper.make_node("Gemm", ["h", "W2"], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    calib = {"x": rng.standard_normal((100, 8)).astype(np.float32)}
+    gone = {}
+    for crit in ("obs", "obs-greedy"):
+        res = surgery.prune(m, ratio=0.5, criterion=crit, calib=calib)
+        (pg,) = res.plan.groups
+        gone[crit] = set(pg.removed_units)
+    assert {0, 1} <= gone["obs"]
+    assert len({0, 1} & gone["obs-greedy"]) == 1, gone
