@@ -140,7 +140,7 @@ def prune(
     target_flops: Optional[float] = typer.Option(None, "--target-flops", help="Instead of --ratio: fraction of FLOPs "
                                                  "kept, in (0, 1]; units go in the global ranking."),
     criterion: str = typer.Option("l2", "--criterion", "-c", help="Importance criterion: l1, l2, random, bn-scale, "
-                                  "fpgm, lamp; with --calib: activation, wanda, flap, obs; or a plugin."),
+                                  "fpgm, lamp; with --calib: activation, wanda, flap, obs, obs-greedy; or a plugin."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output model (default: MODEL.pruned.onnx)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the report as JSON."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Write the plan (what was removed) as JSON."),
