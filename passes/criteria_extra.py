@@ -238,25 +238,25 @@ flap.scores_comparable = True
 @criterion("obs")
 @data_aware("gram")
 def obs(group: Group, ctx: CriterionContext) -> np.ndarray:
-    st = _stats(ctx, "obs")
+    return _obs_scores(group, ctx, "obs", lambda cons: sum(obs_increase(c, m, U) for c, m, U in cons))
+
+
+def _obs_scores(group: Group, ctx: CriterionContext, name: str, from_consumers) -> np.ndarray:
+    """``from_consumers([(consumer, its input's moments, channels x units)])``; a group no
+    consumer reads is scored from its own activations."""
+    st = _stats(ctx, name)
     cons = st.consumers(group)
     if not cons:
-        return per_index(group, "sumsq", np.square) * _own_activations(st, group, "obs")[1]
-    out = np.zeros(len(group.atoms))
-    for c, U in cons:
-        out += obs_increase(c, st.moments(c.x, c.x_axis), U)
-    return out
+        return per_index(group, "sumsq", np.square) * _own_activations(st, group, name)[1]
+    return from_consumers([(c, st.moments(c.x, c.x_axis), U) for c, U in cons])
 
 
 def obs_increase(c, m, U) -> np.ndarray:
     """Per unit (column of U): the rise of consumer c's reconstruction error when the unit's
     channels are removed and the remaining weights re-fitted (OBS; see the module docstring)."""
-    diag = m.mean_sq
-    lam = OBS_DAMP * float(diag.mean()) + 1e-12
-    grouped = c.op in ("Conv", "ConvTranspose") and int(c._attr("group", 1)) > 1
-    if m.gram is None or grouped or len(diag) > MAX_GRAM:
-        return U.T @ (c.col_sq * (diag + lam))
-    H = m.gram / max(m.n, 1.0) + lam * np.eye(len(diag))
+    H, lam = _hessian(c, m)
+    if H is None:
+        return U.T @ (c.col_sq * (m.mean_sq + lam))
     Hinv = np.linalg.inv(H)
     W = c.dense_weight()  # (O, C, T)
     Uc = U.tocsc()
@@ -277,11 +277,7 @@ def obs_increase(c, m, U) -> np.ndarray:
 @criterion("obs-greedy")
 @data_aware("gram")
 def obs_greedy_criterion(group: Group, ctx: CriterionContext) -> np.ndarray:
-    st = _stats(ctx, "obs-greedy")
-    cons = st.consumers(group)
-    if not cons:
-        return per_index(group, "sumsq", np.square) * _own_activations(st, group, "obs-greedy")[1]
-    return obs_greedy([(c, st.moments(c.x, c.x_axis), U) for c, U in cons], len(group.atoms))
+    return _obs_scores(group, ctx, "obs-greedy", lambda cons: obs_greedy(cons, len(group.atoms)))
 
 
 def _hessian(c, m):
