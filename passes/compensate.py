@@ -176,9 +176,12 @@ class Reference:
     outside_bias: dict = dataclasses.field(default_factory=dict)
     _session: object = None
     _fetch: list = dataclasses.field(default_factory=list)
+    _by_name: dict | None = None
 
     def consumer(self, name: str) -> Consumer | None:
-        return {c.name: c for c in find_consumers(self.analysis)}.get(name)
+        if self._by_name is None:
+            self._by_name = {c.name: c for c in find_consumers(self.analysis)}
+        return self._by_name.get(name)
 
     def out_indices(self, c: Consumer, n_out: int) -> np.ndarray:
         have = self.present.get((c.w, _out_axis(c)))
@@ -214,10 +217,8 @@ class _Target:
     ref: tuple | None = None
     solution: tuple | str | None = None  # (new W or None, bias change, error before, after) or why not
 
-    def target(self, f: np.ndarray, fd: np.ndarray | None) -> np.ndarray:
-        """The output to match on these rows: the dense model's (reference), else our own."""
-        if self.ref is None:
-            return f @ self.W.T + self.b
+    def dense_output(self, fd: np.ndarray) -> np.ndarray:
+        """The dense model's output of this node (our kept outputs) on its features ``fd``."""
         Th = self.ref[1]
         return fd @ Th[:, :-1].T + Th[:, -1]
 
@@ -448,7 +449,7 @@ def prepare(analysis, removed: dict[int, np.ndarray], calib: Calibration, mode: 
                     if not need_y:
                         continue
                     if acc.C is not None:
-                        y = t.target(f, fd)
+                        y = t.dense_output(fd)
                         acc.C[:-1] += f.T @ y
                         acc.C[-1] += y.sum(axis=0)
                         acc.yy += float(np.sum(np.square(y)))
@@ -456,7 +457,7 @@ def prepare(analysis, removed: dict[int, np.ndarray], calib: Calibration, mode: 
                     if t.ref is None:  # our own output: the residual is what the removed features add
                         r = f[:, t.removed] @ t.W[:, t.removed].T
                     else:
-                        r = t.target(f, fd) - f[:, t.kept] @ Wk.T - t.b
+                        r = t.dense_output(fd) - f[:, t.kept] @ Wk.T - t.b
                     acc.rs = r.sum(axis=0) + (0.0 if acc.rs is None else acc.rs)
                     acc.rr += float(np.sum(np.square(r)))
 
