@@ -43,6 +43,7 @@ import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
 
 from surgery.errors import SurgeryError
+from surgery.passes.cut import new_initializer
 from surgery.passes.stats import (
     HOLDOUT_EVERY, MAX_GRAM, Calibration, Consumer, channels_last, find_consumers, passes, run_calibration,
 )
@@ -489,18 +490,6 @@ def _dense_counterpart(reference: Reference, c: Consumer, n_out: int, keep_out: 
 # ---------------------------------------------------------------------------
 
 
-def _new_initializer(model: ir.Model, base: str, array: np.ndarray) -> ir.Value:
-    graph = model.graph
-    name, k = base, 0
-    while name in graph.initializers:
-        k += 1
-        name = f"{base}{k}"
-    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-    v.const_value = ir.tensor(array, name=name)
-    graph.register_initializer(v)
-    return v
-
-
 def _set_const(model: ir.Model, node: ir.Node, i: int, array: np.ndarray, base: str) -> None:
     """Give node input i the value ``array``: in place when only this node reads it, else a new initializer."""
     cur = node.inputs[i] if i < len(node.inputs) else None
@@ -508,7 +497,7 @@ def _set_const(model: ir.Model, node: ir.Node, i: int, array: np.ndarray, base: 
         cur.const_value = ir.tensor(array, name=cur.name)
         cur.shape = ir.Shape(array.shape)
         return
-    v = _new_initializer(model, base, array)
+    v = new_initializer(model, base, array)
     if len(node.inputs) <= i:
         node.resize_inputs(i + 1)
     node.replace_input_with(i, v)
@@ -564,7 +553,7 @@ def _matmul_bias(model: ir.Model, node: ir.Node, db: np.ndarray) -> None:
             if arr.size == len(db) and arr.shape[-1:] == (len(db),) and all(d == 1 for d in arr.shape[:-1]):
                 c.const_value = ir.tensor((arr + db.reshape(arr.shape)).astype(arr.dtype), name=c.name)
                 return
-    bias = _new_initializer(model, f"{node.name}_bias_comp", db)
+    bias = new_initializer(model, f"{node.name}_bias_comp", db)
     add = ir.Node("", "Add", inputs=[out, bias], name=f"{node.name}_bias_comp_add", num_outputs=1)
     new = add.outputs[0]
     new.type, new.shape = out.type, out.shape

@@ -59,16 +59,20 @@ class CutContext:
 
     def set_const_input(self, node: ir.Node, i: int, array: np.ndarray) -> None:
         """Give ``node`` its own constant for input i (the old one may be shared)."""
-        graph = self.a.model.graph
-        name = f"{node.name}_{i}_cut"
-        k = 0
-        while name in graph.initializers:
-            k += 1
-            name = f"{node.name}_{i}_cut{k}"
-        v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-        v.const_value = ir.tensor(array, name=name)
-        graph.register_initializer(v)
-        node.replace_input_with(i, v)
+        node.replace_input_with(i, new_initializer(self.a.model, f"{node.name}_{i}_cut", array))
+
+
+def new_initializer(model: ir.Model, base: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding ``array``, named ``base`` (``base1``, ``base2``, ... if taken)."""
+    graph = model.graph
+    name, k = base, 0
+    while name in graph.initializers:
+        k += 1
+        name = f"{base}{k}"
+    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    v.const_value = ir.tensor(array, name=name)
+    graph.register_initializer(v)
+    return v
 
 
 def _opset(model: ir.Model) -> int:
