@@ -63,3 +63,15 @@ def finish(console, json_path, payload: dict, failures: list) -> int:
         console.print(f"[red]{name} failed:[/red]")
         console.print(tb, markup=False, highlight=False)
     return 1 if failures else 0
+
+
+def verdict(v: dict | None) -> str:
+    """A verification result (``report["verify"]``) as a table cell (rich markup)."""
+    if not v:
+        return "-"
+    if v.get("exact") is True:
+        return f"exact ({v['max_abs_diff']:.0e})"
+    if v.get("exact") is False:
+        d = v.get("max_abs_diff")
+        return f"[red]NOT exact ({d:.1e})[/red]" if d == d else "[red]NOT exact[/red]"
+    return v.get("why") or "-"

@@ -41,7 +41,7 @@ from rich.table import Table  # noqa: E402
 
 import surgery  # noqa: E402
 import synthetic  # noqa: E402
-from common import finish, machine  # noqa: E402
+from common import finish, machine, verdict  # noqa: E402
 
 STAGES = ("load", "analysis", "plan", "emit", "verify")
 #: the speed target: analysis+plan+emit under this many seconds for these graphs
@@ -182,17 +182,6 @@ def _s(v: float | None) -> str:
     return f"{v:.3f}" if v < 10 else f"{v:.2f}"
 
 
-def _verdict(v: dict | None) -> str:
-    if not v:
-        return "-"
-    if v.get("exact") is True:
-        return f"exact ({v['max_abs_diff']:.0e})"
-    if v.get("exact") is False:
-        d = v.get("max_abs_diff")
-        return f"[red]NOT exact ({d:.1e})[/red]" if d == d else "[red]NOT exact[/red]"
-    return v.get("why") or "-"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="only graphs whose name contains this substring")
@@ -262,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 name, f"{row['nodes']:,}", f"{row['params']:,}", _s(row["build"]),
                 *[_s(row[s]) for s in STAGES], ape, _s(row["total"]),
                 "-" if row["peak_mb"] is None else f"{row['peak_mb']:.0f}",
-                _verdict(row["verify_result"]) if not args.no_verify else "off",
+                verdict(row["verify_result"]) if not args.no_verify else "off",
             )
             console.print(f"  {name}: analysis+plan+emit {row['ape']:.3f} s, total {row['total']:.3f} s")
 

@@ -50,7 +50,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import surgery  # noqa: E402
-from common import finish, machine  # noqa: E402
+from common import finish, machine, verdict  # noqa: E402
 from corpus_transformers import draw_biases_and_norms  # noqa: E402
 
 PRUNE_KW = dict(ratio=0.0, head_ratio=0.5, mlp_ratio=0.5, hidden_ratio=0.0)
@@ -331,15 +331,6 @@ def _g(n: int) -> str:
     return f"{n / 1e9:.2f}G"
 
 
-def _verdict(v: dict) -> str:
-    if v.get("exact") is True:
-        return f"exact ({v['max_abs_diff']:.0e})"
-    if v.get("exact") is False:
-        d = v.get("max_abs_diff")
-        return f"[red]NOT exact ({d:.1e})[/red]" if d == d else "[red]NOT exact[/red]"
-    return v.get("why") or "-"
-
-
 def _eff(e: float) -> str:
     color = "green" if e >= 0.66 else "yellow" if e >= 0.5 else "red"
     return f"[{color}]{e:.2f}[/]"
@@ -423,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         kinds = ", ".join(f"{k} {v}" for k, v in r["pruned_by_kind"].items()) or "-"
         size.add_row(spec.name, _m(r["params_before"]), _m(r["params_after"]), _g(r["flops_before"]),
-                     _g(r["flops_after"]), f"{r['flops_after'] / r['flops_before']:.3f}", _verdict(r["verify"]),
+                     _g(r["flops_after"]), f"{r['flops_after'] / r['flops_before']:.3f}", verdict(r["verify"]),
                      kinds, f"{r['nodes']}/{r['nodes_after']}", f"{r['prune_s']:.1f}")
         b, a = r["before"], r["after"]
         lat.add_row(spec.name, f"{b['median_ms']:.2f}", f"{b['p90_ms']:.2f}", f"{a['median_ms']:.2f}",
