@@ -145,7 +145,7 @@ def prune(
         return prune_module(source, example_inputs, **kwargs)
     if example_inputs is not None or loss is not None:
         raise SurgeryError("example_inputs and loss are for PyTorch modules; an ONNX model declares its inputs")
-    from surgery.passes.criteria import CriterionContext, get_criterion
+    from surgery.passes.criteria import get_criterion
     from surgery.passes import targets
     from surgery.passes.policy import select, select_target
 
@@ -155,21 +155,13 @@ def prune(
     crit = get_criterion(criterion)
     need, cal = _calibration_checks(crit, criterion, calib, compensate)  # calibration
     analysis, t, t0 = _load_and_analyze(source, input_shapes)
-    # --- calibration: statistics for data-aware criteria (passes/stats.py) ---
-    stats = None
-    if calib is not None:
-        from surgery.passes.stats import as_calibration, collect
+    if calib is not None:  # calibration: passes/stats.py
+        from surgery.passes.stats import as_calibration
 
         cal = as_calibration(calib, analysis.model, samples=calib_samples, batch=calib_batch)
-        if need:
-            t1 = time.perf_counter()
-            stats = collect(analysis, cal, [g for g in analysis.groups if g.prunable], gram=need == "gram")
-            t["calibrate"] = time.perf_counter() - t1
-    # --- end calibration ---
+    scores = score_groups(analysis, [g for g in analysis.groups if g.prunable], crit, need, cal, seed, t)
     t1 = time.perf_counter()
     protected = _protected(analysis, keep)
-    ctx = CriterionContext(rng=np.random.default_rng(seed), stats=stats, analysis=analysis)
-    scores = {g.id: crit(g, ctx) for g in analysis.groups if g.prunable}
     by_kind = _kind_ratios(analysis, ratio, head_ratio, mlp_ratio, hidden_ratio, head_dim_ratio, gqa)
     ratios = {g.id: by_kind[g.kind] for g in analysis.groups}
     if target:  # targets: global ranking until the kept params/FLOPs reach the target
@@ -182,6 +174,23 @@ def prune(
     t["plan"] = time.perf_counter() - t1
     return targets.finish(_execute(analysis, removed, t, t0, seed, input_shapes, verify_result,
                                    calib=cal if (need or compensate) else None, compensate=compensate), target)
+
+
+def score_groups(analysis: Analysis, groups, crit, need: str | None, cal, seed: int, t: dict) -> dict[int, np.ndarray]:
+    """Group id -> the criterion's score per unit, for ``groups``; a data-aware criterion
+    (``need``: "moments" or "gram") first gets their statistics over ``cal`` (timed in
+    ``t["calibrate"]``)."""
+    from surgery.passes.criteria import CriterionContext
+
+    stats = None
+    if need:
+        from surgery.passes.stats import collect
+
+        t1 = time.perf_counter()
+        stats = collect(analysis, cal, groups, gram=need == "gram")
+        t["calibrate"] = t.get("calibrate", 0.0) + time.perf_counter() - t1
+    ctx = CriterionContext(rng=np.random.default_rng(seed), stats=stats, analysis=analysis)
+    return {g.id: crit(g, ctx) for g in groups}
 
 
 def _check_ratios(ratio, head_ratio, mlp_ratio, hidden_ratio, head_dim_ratio, gqa, round_to) -> None:

@@ -102,7 +102,6 @@ def prune_sequential(source, example_inputs=None, **options):
     if unknown:
         raise TypeError(f"prune_sequential() got an unexpected keyword argument '{unknown[0]}'")
     o = types.SimpleNamespace(**{**defaults, **options})
-    from surgery.passes.targets import clone
 
     if api._is_torch_module(source):
         raise SurgeryError("--sequential is for ONNX models; a PyTorch module is pruned in one shot")
@@ -112,8 +111,9 @@ def prune_sequential(source, example_inputs=None, **options):
         raise SurgeryError("--target-params/--target-flops search the global ranking on the dense model; "
                            "--sequential prunes one group at a time: give --ratio (and per-kind ratios), "
                            "with --global to spread them over the layers")
-    from surgery.passes.criteria import CriterionContext, get_criterion
+    from surgery.passes.criteria import get_criterion
     from surgery.passes.policy import select, select_counts
+    from surgery.passes.targets import clone
 
     api._check_ratios(o.ratio, o.head_ratio, o.mlp_ratio, o.hidden_ratio, o.head_dim_ratio, o.gqa, o.round_to)
     o.keep = list(o.keep)
@@ -144,13 +144,7 @@ def prune_sequential(source, example_inputs=None, **options):
     t1 = time.perf_counter()
     prunable = [g for g in orig.groups if g.prunable]
     if o.global_rank:  # ranked together per kind, with the criterion's scores on the dense model
-        stats = None
-        if need:
-            from surgery.passes.stats import collect
-
-            stats = collect(orig, cal, prunable, gram=need == "gram")
-        ctx = CriterionContext(rng=np.random.default_rng(o.seed), stats=stats, analysis=orig)
-        scores = {g.id: crit(g, ctx) for g in prunable}
+        scores = api.score_groups(orig, prunable, crit, need, cal, o.seed, timings)
         comparable = getattr(crit, "scores_comparable", False)
     else:  # the counts of a one-shot prune with the same ratios
         scores = {g.id: np.zeros(len(g.atoms)) for g in prunable}
@@ -185,16 +179,10 @@ def prune_sequential(source, example_inputs=None, **options):
         cg = _find(cur, g, orig)
         timings["analysis"] += time.perf_counter() - t1
         t_step: dict[str, float] = {}
-        stats = None
-        if need:  # this group's statistics, on the model as pruned so far
-            from surgery.passes.stats import collect
-
-            t1 = time.perf_counter()
-            stats = collect(cur, cal, [cg], gram=need == "gram")
-            t_step["calibrate"] = time.perf_counter() - t1
+        # this group's scores, from its statistics on the model as pruned so far
+        scores = api.score_groups(cur, [cg], crit, need, cal, o.seed, t_step)
         t1 = time.perf_counter()
-        ctx = CriterionContext(rng=np.random.default_rng(o.seed), stats=stats, analysis=cur)
-        removed = select_counts(cur.groups, {cg.id: crit(cg, ctx)}, {cg.id: counts[g.id]}, round_to=o.round_to,
+        removed = select_counts(cur.groups, scores, {cg.id: counts[g.id]}, round_to=o.round_to,
                                 protected=api._protected(cur, o.keep))
         t_step["plan"] = time.perf_counter() - t1
         res = api._execute(cur, removed, t_step, ts, o.seed, o.input_shapes, o.verify_result,
