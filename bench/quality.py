@@ -22,7 +22,8 @@ spread over the layers by score) and both:
   ``pydoc_data.topics``, cut into chunks of 20-60 words; calibration and evaluation
   chunks are disjoint. ``head_ratio = mlp_ratio = r`` in every layer, ``ratio = 0``,
   ``hidden_ratio = 0`` (exact cut). Calibration chunks are not padded: one feed per
-  chunk, of its own length (surgery batches equal lengths). Metrics on the evaluation chunks, from the
+  chunk, of its own length (surgery batches equal lengths). Metrics on the evaluation
+  chunks, from the
   sentence embedding (mean of ``last_hidden_state`` over the attention mask,
   L2-normalized): mean cosine similarity to the dense embedding, and nearest-neighbour
   agreement (each chunk's most similar other chunk, dense vs pruned: fraction equal).
@@ -71,18 +72,24 @@ import onnx  # noqa: E402
 import surgery  # noqa: E402
 from common import machine  # noqa: E402
 
-DATA_AWARE = ("activation", "wanda", "flap", "obs", "obs-greedy")
 COMPENSATIONS = ("none", "bias", "lstsq")
 MODES = {"one-shot": {}, "sequential": {"sequential": True}, "global": {"global_rank": True},
          "sequential+global": {"sequential": True, "global_rank": True}}
 SEED = 0
-MAX_LEN = 64  # MiniLM: tokens per chunk (padded / truncated)
+MAX_LEN = 64  # MiniLM: tokens per chunk at most (truncated; evaluation is padded to it)
 #: exact-masking experiments on all-MiniLM-L6-v2 (other text, same metric), 50% heads + MLP
 #: in every layer, one-shot, statistics from the dense model: mean cosine to dense
 REFERENCE_50 = {("l2", "none"): 0.49, ("flap", "bias"): 0.73, ("wanda", "lstsq"): 0.86}
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def data_aware(criterion: str) -> bool:
+    """Whether the criterion needs calibration data (as the library registers it)."""
+    from surgery.passes.criteria import get_criterion, needs_stats
+
+    return needs_stats(get_criterion(criterion)) is not None
 
 
 def export_onnx(module, args: tuple, input_names: list[str], output_name: str, dynamic_shapes: dict,
@@ -345,7 +352,7 @@ class Row:
 
 def prune_one(task: Task, ratio: float, crit: str, comp: str, args, mode: str = "one-shot") -> Row:
     row = Row(task.name, ratio, crit, comp, mode)
-    needs_data = crit in DATA_AWARE or comp != "none"
+    needs_data = data_aware(crit) or comp != "none"
     kw = dict(task.prune_kw(ratio), criterion=crit, seed=SEED, input_shapes=task.input_shapes, **MODES[mode])
     if needs_data:
         kw.update(calib=task.calib, calib_samples=args.calib_samples)
@@ -424,7 +431,7 @@ def summaries(rows: list[Row], tasks: dict[str, Task], ratios: list[float]) -> l
             ok = [x for x in rows if x.model == name and x.ratio == r and not x.error and x.metrics]
             base = next((x for x in ok if x.criterion == "l2" and x.compensation == "none" and x.mode == "one-shot"),
                         None)
-            aware = [x for x in ok if x.criterion in DATA_AWARE]
+            aware = [x for x in ok if data_aware(x.criterion)]
             if base is None or not aware:
                 parts.append(f"{r:g}: n/a")
                 continue
