@@ -69,7 +69,6 @@ Public API
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -88,6 +87,7 @@ from onnx_ir.passes.common import (
 )
 
 from surgery.errors import SurgeryError
+from surgery.irtools import weights_detached
 from surgery.passes.fold_shapes import fold_static_shapes
 from surgery.passes.shapes import complete_shapes
 
@@ -120,11 +120,6 @@ MIN_OPSET = 9
 
 _PROTO_LABEL = "<in-memory ModelProto>"
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-# Weights up to this size stay attached for shape inference (data propagation
-# needs Reshape/Slice/... constants); bigger ones are detached and become typed inputs.
-_INFERENCE_KEEP_BYTES = 1024
-_INFERENCE_KEEP_INT_BYTES = 64 * 1024
 
 # Folding policy (see fold_constant_weights).
 _FOLD_SHARED_INPUT_BYTES = 64 * 1024
@@ -876,7 +871,7 @@ def _infer_shapes(model: ir.Model, *, clear: bool) -> None:
                     if id(out) not in main_outputs:
                         out.shape = None
 
-    with _weights_detached(model):
+    with weights_detached(model):
         proto = ir.serde.serialize_model(model)
 
     try:
@@ -926,53 +921,6 @@ def _infer_shapes(model: ir.Model, *, clear: bool) -> None:
         if value.producer() is not None and value.shape is not None and value.shape != shape:
             value.meta[META_INFERRED_SHAPE] = value.shape
         value.shape, value.type = shape, type_ if type_ is not None else value.type
-
-
-@contextlib.contextmanager
-def _weights_detached(model: ir.Model) -> Iterator[None]:
-    """Temporarily turn big main-graph initializers into typed graph inputs.
-
-    Serializing then neither reads lazy external data nor copies big tensors,
-    and the proto stays far below protobuf's 2 GB limit.
-    """
-    graph = model.graph
-    saved_initializers = list(graph.initializers.values())
-    saved_inputs = list(graph.inputs)
-    detached: list[tuple[ir.Value, ir.TensorProtocol | None]] = []
-    try:
-        input_ids = {id(v) for v in saved_inputs}
-        for value in saved_initializers:
-            tensor = value.const_value
-            if tensor is not None and _keep_for_inference(tensor):
-                continue
-            if tensor is not None:
-                if value.shape is None:
-                    value.shape = tensor.shape
-                if value.dtype is None:
-                    value.dtype = tensor.dtype
-            detached.append((value, tensor))
-            graph.initializers.pop(value.name)
-            value.const_value = None
-            if id(value) not in input_ids:
-                graph.inputs.append(value)
-        yield
-    finally:
-        for value, tensor in detached:
-            value.const_value = tensor
-        graph.inputs.clear()
-        graph.inputs.extend(saved_inputs)
-        graph.initializers.clear()
-        for value in saved_initializers:
-            graph.initializers.add(value)
-
-
-def _keep_for_inference(tensor: ir.TensorProtocol) -> bool:
-    nbytes = tensor.nbytes
-    if nbytes <= _INFERENCE_KEEP_BYTES:
-        return True
-    return tensor.dtype in (ir.DataType.INT64, ir.DataType.INT32) and (
-        nbytes <= _INFERENCE_KEEP_INT_BYTES
-    )
 
 
 def _has_unknown_dims(proto: onnx.ModelProto) -> bool:

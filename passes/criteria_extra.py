@@ -1,4 +1,4 @@
-"""More criteria, registered in ``surgery.passes.criteria.CRITERIA`` on import.
+"""More criteria, registered in ``surgery.passes.criteria_core.CRITERIA`` on import.
 
 Data-free (weights only):
 
@@ -57,7 +57,7 @@ import numpy as np
 
 from surgery.analysis import Group
 from surgery.errors import SurgeryError
-from surgery.passes.criteria import CriterionContext, criterion, l2, per_index
+from surgery.passes.criteria_core import CriterionContext, criterion, l2, per_index
 from surgery.passes.stats import MAX_GRAM, Stats
 
 FPGM_REFERENCES = 2048

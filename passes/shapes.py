@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from surgery.irtools import weights_detached
+
 SAME_SHAPE = {
     ("", "GroupNormalization"), ("", "RMSNormalization"), ("", "LayerNormalization"),
     ("com.microsoft", "SimplifiedLayerNormalization"), ("com.microsoft", "LayerNormalization"),
@@ -50,7 +52,6 @@ def concrete_shapes(model: ir.Model) -> dict[str, tuple[int | None, ...]]:
     the rules see is concrete."""
     import onnx
 
-    from surgery.frontends.onnx_loader import _weights_detached
 
     values = {o.name: o for n in model.graph for o in n.outputs}
     if not any(v.shape is None or any(_anonymous(d) for d in v.shape) for v in values.values()):
@@ -77,7 +78,7 @@ def concrete_shapes(model: ir.Model) -> dict[str, tuple[int | None, ...]]:
                 dims.append(sizes[key])
         v.shape = ir.Shape(dims)
     try:
-        with _weights_detached(model):
+        with weights_detached(model):
             proto = ir.serde.serialize_model(model)
     finally:
         for v, shp in saved:
@@ -133,7 +134,7 @@ def _fill_by_running(model, sizes, values, missing, out) -> None:
         t = inp.type.tensor_type
         shp = [d.dim_value if d.HasField("dim_value") else sizes.get(d.dim_param, 1) for d in t.shape.dim]
         dt = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        feeds[inp.name] = rng.standard_normal(shp).astype(dt) if dt.kind == "f" else np.zeros(shp, dt) + (dt == bool)
+        feeds[inp.name] = rng.standard_normal(shp).astype(dt) if dt.kind == "f" else np.zeros(shp, dt) + (dt == bool)  # noqa: E721 - a numpy dtype equals the type bool
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 4

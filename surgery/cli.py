@@ -15,31 +15,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from surgery.console import err, fail as _fail, parse_shapes as _shapes
 from surgery.errors import SurgeryError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Structural pruning for ONNX models: "
                   "remove whole channels, heads and units, and prove the cut exact.")
-err = Console(stderr=True)
-
-
-def _fail(msg: str, code: int = 2):
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for s in specs or []:
-        name, sep, dims = s.rpartition(":")
-        try:
-            if not sep or not name:
-                raise ValueError
-            out[name] = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            raise SurgeryError(f"--input-shape '{s}' is not NAME:DxDxD (e.g. input:1x3x224x224)") from None
-    return out
-
-
 def _input_files(model: Path) -> set[Path]:
     """The input model and every external data file it references."""
     files = {model.resolve()}

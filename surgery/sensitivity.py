@@ -264,7 +264,7 @@ def sensitivity_command(
 
     from rich.console import Console
 
-    from surgery.cli import _fail, _shapes
+    from surgery.console import fail as _fail, parse_shapes as _shapes
 
     try:
         if metric not in METRICS:

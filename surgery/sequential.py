@@ -94,16 +94,16 @@ def prune_sequential(source, example_inputs=None, **options):
     import inspect
     import types
 
-    from surgery import api
+    from surgery import pipeline
 
-    defaults = {k: p.default for k, p in inspect.signature(api.prune).parameters.items()
-                if p.kind is p.KEYWORD_ONLY and k != "sequential"}
+    defaults = {k: p.default for k, p in inspect.signature(pipeline.prune_onnx).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"prune_sequential() got an unexpected keyword argument '{unknown[0]}'")
     o = types.SimpleNamespace(**{**defaults, **options})
 
-    if api._is_torch_module(source):
+    if pipeline.is_torch_module(source):
         raise SurgeryError("--sequential is for ONNX models; a PyTorch module is pruned in one shot")
     if example_inputs is not None or o.loss is not None:
         raise SurgeryError("example_inputs and loss are for PyTorch modules; an ONNX model declares its inputs")
@@ -115,23 +115,23 @@ def prune_sequential(source, example_inputs=None, **options):
     from surgery.passes.policy import select, select_counts
     from surgery.passes.targets import clone
 
-    api._check_ratios(o.ratio, o.head_ratio, o.mlp_ratio, o.hidden_ratio, o.head_dim_ratio, o.gqa, o.round_to)
+    pipeline.check_ratios(o.ratio, o.head_ratio, o.mlp_ratio, o.hidden_ratio, o.head_dim_ratio, o.gqa, o.round_to)
     o.keep = list(o.keep)
     crit = get_criterion(o.criterion)
-    need, _ = api._calibration_checks(crit, o.criterion, o.calib, o.compensate)
+    need, _ = pipeline.calibration_checks(crit, o.criterion, o.calib, o.compensate)
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    original = source if isinstance(source, ir.Model) else api.load(source, input_shapes=o.input_shapes)
+    original = source if isinstance(source, ir.Model) else pipeline.load(source, input_shapes=o.input_shapes)
     if o.verify_result or o.compensate:
         ir.external_data.load_to_model(original)  # verification and compensation run from memory
     timings["load"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     orig = Analysis(original)  # names every node; the working copy shares the names
-    by_kind = api._kind_ratios(orig, 0.5 if o.ratio is None else o.ratio, o.head_ratio, o.mlp_ratio, o.hidden_ratio,
+    by_kind = pipeline.kind_ratios(orig, 0.5 if o.ratio is None else o.ratio, o.head_ratio, o.mlp_ratio, o.hidden_ratio,
                                o.head_dim_ratio, o.gqa)
     ratios = {g.id: by_kind[g.kind] for g in orig.groups}
-    user_protected = api._protected(orig, o.keep)
+    user_protected = pipeline.protected_atoms(orig, o.keep)
     timings["analysis"] = time.perf_counter() - t1
 
     cal = None
@@ -144,7 +144,7 @@ def prune_sequential(source, example_inputs=None, **options):
     t1 = time.perf_counter()
     prunable = [g for g in orig.groups if g.prunable]
     if o.global_rank:  # ranked together per kind, with the criterion's scores on the dense model
-        scores = api.score_groups(orig, prunable, crit, need, cal, o.seed, timings)
+        scores = pipeline.score_groups(orig, prunable, crit, need, cal, o.seed, timings)
         comparable = getattr(crit, "scores_comparable", False)
     else:  # the counts of a one-shot prune with the same ratios
         scores = {g.id: np.zeros(len(g.atoms)) for g in prunable}
@@ -155,7 +155,7 @@ def prune_sequential(source, example_inputs=None, **options):
     timings["allocate"] = time.perf_counter() - t1
     order = [g for g in orig.groups if counts.get(g.id, 0) > 0]
     if not order:  # nothing to do one group at a time: the one-shot prune says so
-        res = api.prune(original, **vars(o))
+        res = pipeline.prune_onnx(original, **vars(o))
         res.plan = SequentialPlan(res.plan.groups, compensate=o.compensate)
         res.report.update(sequential=[], compensate=o.compensate)
         return res
@@ -180,12 +180,12 @@ def prune_sequential(source, example_inputs=None, **options):
         timings["analysis"] += time.perf_counter() - t1
         t_step: dict[str, float] = {}
         # this group's scores, from its statistics on the model as pruned so far
-        scores = api.score_groups(cur, [cg], crit, need, cal, o.seed, t_step)
+        scores = pipeline.score_groups(cur, [cg], crit, need, cal, o.seed, t_step)
         t1 = time.perf_counter()
         removed = select_counts(cur.groups, scores, {cg.id: counts[g.id]}, round_to=o.round_to,
-                                protected=api._protected(cur, o.keep))
+                                protected=pipeline.protected_atoms(cur, o.keep))
         t_step["plan"] = time.perf_counter() - t1
-        res = api._execute(cur, removed, t_step, ts, o.seed, o.input_shapes, o.verify_result,
+        res = pipeline.execute(cur, removed, t_step, ts, o.seed, o.input_shapes, o.verify_result,
                            calib=cal if (need or o.compensate) else None, compensate=o.compensate,
                            reference=reference, output_diffs=False)
         for k, v in t_step.items():
@@ -287,7 +287,7 @@ def prune_sequential(source, example_inputs=None, **options):
         report["compensation"] = {"mode": o.compensate, "applied": applied, "skipped": skipped,
                                   "uncompensated_output_diff": comp_diffs[0]}
         report["compensated_output_diff"] = comp_diffs[1]
-    return api.Result(work, plan, report, orig)
+    return pipeline.Result(work, plan, report, orig)
 
 
 # ---------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def prune_module(
     ``strict_config``: for a transformers model, require that its updated config rebuilds
     exactly the pruned shapes (``save_pretrained`` / ``from_pretrained`` round-trip);
     see the module doc."""
-    from surgery import api
+    from surgery import pipeline
     from surgery.analysis import Analysis
 
     if not isinstance(module, nn.Module):
@@ -153,7 +153,7 @@ def prune_module(
     if prune_kwargs.get("input_shapes") is None:  # verify on the example's shapes (dynamic axes too)
         prune_kwargs["input_shapes"] = {k: tuple(v.shape) for k, v in onnx_feeds(proto, example_inputs).items()}
     tmap = TorchMap(proto, module)
-    model = api.load(proto, input_shapes=prune_kwargs["input_shapes"])  # as surgery.prune will load it
+    model = pipeline.load(proto, input_shapes=prune_kwargs["input_shapes"])  # as surgery.prune will load it
     analysis = Analysis(model)
     blocked, constants = _unrepresentable_groups(analysis, tmap, module, model)
     keep = list(prune_kwargs.pop("keep", ()) or ())
@@ -172,7 +172,7 @@ def prune_module(
     t1 = time.perf_counter()
     token = _TAYLOR.set(state)
     try:
-        res = api.prune(proto, keep=keep + protect, criterion=criterion, **prune_kwargs)
+        res = pipeline.prune_onnx(proto, keep=keep + protect, criterion=criterion, **prune_kwargs)
     finally:
         _TAYLOR.reset(token)
     timings["prune_onnx"] = time.perf_counter() - t1
@@ -563,13 +563,13 @@ def _dry_run(module: nn.Module, mcuts: dict) -> None:
 
 def _keep_takes_group_names(analysis) -> bool:
     """Whether surgery.prune's keep= accepts a group name (protecting just that group)."""
-    from surgery import api
+    from surgery import pipeline
 
     g = next((g for g in analysis.groups if g.prunable), None)
     if g is None or g.name in analysis.value_axes:
         return False
     try:
-        return api._protected(analysis, [g.name]) == set(g.atoms.tolist())
+        return pipeline.protected_atoms(analysis, [g.name]) == set(g.atoms.tolist())
     except SurgeryError:
         return False
 

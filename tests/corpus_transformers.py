@@ -59,20 +59,16 @@ from surgery.frontends.torch_export import quiet as _quiet
 from corpus import _G as _BaseG
 from corpus_registry import Registry
 
-import contextlib
 import functools
-import io
-import logging
 import os
 import tempfile
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 __all__ = ["TCase", "TCASES", "build", "case", "names", "torch_module", "make_inputs", "SKIPPED_EXPORTS",
            "draw_biases_and_norms"]
@@ -500,7 +496,7 @@ def _ir_attn_reshape_const():
     """Separate q/k/v projections with constant Reshape targets using 0 (copy) and
     -1 (infer) on symbolic dims: [0, 0, -1, D] and back [0, 0, -1] (what HF's
     view(*input_shape, -1, head_dim) means)."""
-    e, h, d = 32, 4, 8
+    e, d = 32, 8
     g = _G("attn_reshape_const-ir")
     to_bshd = g.ints([0, 0, -1, d], "shape_00m1d")
     q, k, v = (g.op("Reshape", [g.linear(X, e, e, p), to_bshd]) for p in ("q_proj", "k_proj", "v_proj"))

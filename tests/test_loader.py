@@ -16,7 +16,6 @@ from surgery.backends import onnx_writer
 from surgery.backends.onnx_writer import save_onnx, uses_external_data
 from surgery.errors import SurgeryError
 from surgery.frontends.onnx_loader import (
-    META_FOLDED_FROM,
     META_INPUT_SHAPES,
     concrete_input_shapes,
     infer_shapes,
