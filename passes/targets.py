@@ -40,6 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from surgery.errors import SurgeryError
+from surgery.passes.rules import flop_terms
 
 KINDS = ("params", "flops")
 _LABEL = {"params": "parameters", "flops": "FLOPs"}
@@ -134,23 +135,10 @@ def terms(analysis, kind: str) -> Terms:
             if t is None or not t.dtype.is_floating_point():
                 continue
             add(1, factor(v, range(len(t.shape))))
-    elif kind == "flops":  # as surgery.metrics.count_flops
+    elif kind == "flops":  # the formulas surgery.metrics.count_flops sums (passes/rules)
         for node in analysis.model.graph:
-            op = node.op_type
-            if op in ("Conv", "ConvTranspose") and len(node.inputs) >= 2:
-                x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
-                if any(u is None or u.shape is None for u in (x, w, y)):
-                    continue
-                big = y if op == "Conv" else x
-                add(2, factor(big, range(len(big.shape))), factor(w, range(1, len(w.shape))))
-            elif op in ("MatMul", "Gemm"):
-                a, y = node.inputs[0], node.outputs[0]
-                if a is None or y is None or a.shape is None or y.shape is None or not len(a.shape):
-                    continue
-                k = len(a.shape) - 1
-                if op == "Gemm" and node.attributes.get("transA") is not None and node.attributes["transA"].value:
-                    k = 0
-                add(2, factor(y, range(len(y.shape))), factor(a, [k]))
+            for coef, parts in flop_terms(node):
+                add(coef, *(factor(v, axes) for v, axes in parts))
     else:
         raise SurgeryError(f"target kind must be one of {KINDS}, got {kind!r}")
     width = max((len(i) for _, i in rows), default=0)

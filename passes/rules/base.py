@@ -289,3 +289,36 @@ def shape_literals(v: ir.Value | None) -> list[int | None] | None:
     if src is None:
         return None
     return [e if isinstance(e, int) else None for e in src]
+
+
+# -- FLOP formulas: one per op family, read by the report and the --target-flops search --
+
+FlopTerm = tuple[int, list[tuple[ir.Value, list[int]]]]  # coef x prod(value.shape[k] for k in axes) ...
+FLOPS: dict[tuple[str, str], Callable[[ir.Node], list[FlopTerm]]] = {}
+
+
+def flops(*op_types: str, domain: str = ""):
+    """Register an op family's FLOP formula: ``node -> [(coef, [(value, axes), ...]), ...]``,
+    each term ``coef x`` the product of those values' dims. surgery.metrics counts them at
+    the model's sizes and passes.targets as functions of the kept channels, so the two
+    can never disagree. A formula returns [] when a shape it needs is unknown."""
+
+    def deco(fn):
+        for op in op_types:
+            FLOPS[(domain, op)] = fn
+        return fn
+
+    return deco
+
+
+def flop_terms(node: ir.Node) -> list[FlopTerm]:
+    fn = FLOPS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
+    return fn(node) if fn is not None else []
+
+
+def all_axes(v: ir.Value) -> list[int]:
+    return list(range(len(v.shape)))
+
+
+def shapes_known(*values: ir.Value | None) -> bool:
+    return all(v is not None and v.shape is not None for v in values)

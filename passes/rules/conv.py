@@ -6,7 +6,7 @@ import numpy as np
 
 from surgery.dims import NOT_CHANNEL
 
-from .base import RuleContext, Unsupported, rule
+from .base import RuleContext, Unsupported, all_axes, flops, rule, shapes_known
 
 SPATIAL = "spatial axis (" + NOT_CHANNEL + ")"
 
@@ -151,3 +151,14 @@ def pad(ctx: RuleContext) -> None:
                 raise Unsupported("padded axis of unknown size")
             ctx.tie(x, k, y, k, None, np.arange(pb, pb + n_in))
             ctx.block(y, k, "padding", np.r_[np.arange(pb), np.arange(pb + n_in, pb + n_in + pe)])
+
+
+@flops("Conv", "ConvTranspose")
+def conv_flops(node) -> list:
+    """2 x MACs: a Conv does (Cin/g) x kernel MACs per output element; a ConvTranspose
+    scatters (Cout/g) x kernel MACs from every input element."""
+    if len(node.inputs) < 2 or not shapes_known(node.inputs[0], node.inputs[1], node.outputs[0]):
+        return []
+    w = node.inputs[1]
+    big = node.outputs[0] if node.op_type == "Conv" else node.inputs[0]
+    return [(2, [(big, all_axes(big)), (w, list(range(1, len(w.shape))))])]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from surgery.dims import NOT_CHANNEL
 
-from .base import RuleContext, Unsupported, rule
+from .base import RuleContext, Unsupported, all_axes, flops, rule, shapes_known
 
 
 @rule("MatMul")
@@ -62,3 +62,15 @@ def gemm(ctx: RuleContext) -> None:
     ctx.tie(b, n_ax, y, 1)
     if c is not None:
         ctx.broadcast([c], y)
+
+
+@flops("MatMul", "Gemm")
+def matmul_flops(node) -> list:
+    """2 x MACs: every output element is a dot product over A's contraction axis."""
+    a, y = node.inputs[0], node.outputs[0]
+    if not shapes_known(a, y) or not len(a.shape):
+        return []
+    k = len(a.shape) - 1
+    if node.op_type == "Gemm" and node.attributes.get("transA") is not None and node.attributes["transA"].value:
+        k = 0
+    return [(2, [(y, all_axes(y)), (a, [k])])]
