@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from surgery.errors import SurgeryError
+from surgery.options import PruneOptions
 from surgery.pipeline import Result, analyze, apply, is_torch_module, load, prune_onnx, save
 
 __all__ = ["Result", "analyze", "apply", "load", "prune", "save"]
@@ -63,7 +64,12 @@ def prune(
     ``sequential``: prune the groups one at a time in graph order, re-collecting each one's
     statistics from the already pruned (and compensated) earlier layers (surgery/sequential.py)."""
 
-    options = {k: v for k, v in locals().items() if k not in ("source", "example_inputs", "sequential")}
+    # every option validated once, here, before the dispatch
+    options = PruneOptions(ratio=ratio, criterion=criterion, global_rank=global_rank, round_to=round_to, keep=keep,
+        seed=seed, input_shapes=input_shapes, verify_result=verify_result, head_ratio=head_ratio,
+        mlp_ratio=mlp_ratio, hidden_ratio=hidden_ratio, head_dim_ratio=head_dim_ratio, gqa=gqa,
+        target_params=target_params, target_flops=target_flops, calib=calib, calib_samples=calib_samples,
+        calib_batch=calib_batch, compensate=compensate, loss=loss, strict_config=strict_config).as_kwargs()
     if sequential:  # one group at a time (surgery/sequential.py)
         from surgery.sequential import prune_sequential
 

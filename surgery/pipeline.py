@@ -16,6 +16,7 @@ import onnx_ir as ir
 from surgery.analysis import Analysis
 from surgery.errors import SurgeryError
 from surgery.metrics import count_flops, count_params
+from surgery.options import PruneOptions
 from surgery.plan import Plan, atoms_from_plan, build_plan, read_plan
 from surgery.verify import VerifyResult, random_feeds, verify
 
@@ -82,64 +83,49 @@ def is_torch_module(obj) -> bool:
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
-def prune_onnx(
-    source,
-    example_inputs=None,
-    *,
-    ratio: float | None = None,  # 0.5 unless a target is given
-    criterion: str = "l2",
-    global_rank: bool = False,
-    round_to: int = 1,
-    keep: Iterable[str] = (),
-    seed: int = 0,
-    input_shapes: dict[str, tuple[int, ...]] | None = None,
-    verify_result: bool = True,
-    head_ratio: float | None = None,
-    mlp_ratio: float | None = None,
-    hidden_ratio: float | None = None,
-    head_dim_ratio: float = 0.0,
-    gqa: str = "kv",
-    target_params: float | None = None,  # targets: passes/targets.py
-    target_flops: float | None = None,
-    calib=None,  # calibration: passes/stats.py
-    calib_samples: int | None = None,
-    calib_batch: int = 16,
-    compensate: str | None = None,  # compensation: passes/compensate.py
-    loss=None,  # PyTorch path only: the loss of the taylor criterion
-    strict_config: bool = True,  # PyTorch path only: refuse what from_pretrained cannot reload
-) -> Result:
-    """One-shot ONNX prune: ``surgery.prune``\'s options (see its docstring), no dispatch."""
-    if example_inputs is not None or loss is not None:
+def prune_onnx(source, example_inputs=None, **options) -> Result:
+    """One-shot ONNX prune with ``surgery.prune``'s keyword options (see its docstring)."""
+    return run_onnx(source, PruneOptions.from_kwargs("prune", **options), example_inputs)
+
+
+def run_onnx(source, o: PruneOptions, example_inputs=None) -> Result:
+    """The one-shot stages on an ONNX model: load and analyze, score, plan, then
+    cut, verify, compensate and report (``execute``)."""
+    if example_inputs is not None or o.loss is not None:
         raise SurgeryError("example_inputs and loss are for PyTorch modules; an ONNX model declares its inputs")
     from surgery.passes.criteria import get_criterion
     from surgery.passes import targets
-    from surgery.passes.policy import select, select_target
 
-    check_ratios(ratio, head_ratio, mlp_ratio, hidden_ratio, head_dim_ratio, gqa, round_to)
-    target = targets.parse(ratio, target_params, target_flops)  # targets: kept fraction instead of a ratio
-    ratio = 1.0 if target else (0.5 if ratio is None else ratio)  # targets: 1.0 = the group may lose units
-    crit = get_criterion(criterion)
-    need, cal = calibration_checks(crit, criterion, calib, compensate)  # calibration
-    analysis, t, t0 = load_and_analyze(source, input_shapes)
-    if calib is not None:  # calibration: passes/stats.py
+    target = targets.parse(o.ratio, o.target_params, o.target_flops)  # targets: kept fraction instead of a ratio
+    crit = get_criterion(o.criterion)
+    need, cal = calibration_checks(crit, o.criterion, o.calib, o.compensate)  # calibration
+    analysis, t, t0 = load_and_analyze(source, o.input_shapes)
+    if o.calib is not None:  # calibration: passes/stats.py
         from surgery.passes.stats import as_calibration
 
-        cal = as_calibration(calib, analysis.model, samples=calib_samples, batch=calib_batch)
-    scores = score_groups(analysis, [g for g in analysis.groups if g.prunable], crit, need, cal, seed, t)
+        cal = as_calibration(o.calib, analysis.model, samples=o.calib_samples, batch=o.calib_batch)
+    scores = score_groups(analysis, [g for g in analysis.groups if g.prunable], crit, need, cal, o.seed, t)
     t1 = time.perf_counter()
-    protected = protected_atoms(analysis, keep)
-    by_kind = kind_ratios(analysis, ratio, head_ratio, mlp_ratio, hidden_ratio, head_dim_ratio, gqa)
-    ratios = {g.id: by_kind[g.kind] for g in analysis.groups}
-    if target:  # targets: global ranking until the kept params/FLOPs reach the target
-        removed = select_target(analysis, scores, target.kind, target.wanted, eligible=ratios, round_to=round_to,
-                                comparable=getattr(crit, "scores_comparable", False),
-                                protected=protected, info=target.info)
-    else:
-        removed = select(analysis.groups, scores, ratios, global_rank=global_rank, round_to=round_to, protected=protected,
-                         comparable=getattr(crit, "scores_comparable", False))
+    removed = plan_removal(analysis, scores, o, target, getattr(crit, "scores_comparable", False))
     t["plan"] = time.perf_counter() - t1
-    return targets.finish(execute(analysis, removed, t, t0, seed, input_shapes, verify_result,
-                                   calib=cal if (need or compensate) else None, compensate=compensate), target)
+    return targets.finish(execute(analysis, removed, t, t0, o.seed, o.input_shapes, o.verify_result,
+                                  calib=cal if (need or o.compensate) else None, compensate=o.compensate), target)
+
+
+def plan_removal(analysis: Analysis, scores: dict, o: PruneOptions, target, comparable: bool) -> dict[int, np.ndarray]:
+    """Group id -> the atoms to remove: per-kind ratios (uniform or global), or the
+    global ranking until a params/FLOPs target is reached; --keep and --round-to apply."""
+    from surgery.passes.policy import select, select_target
+
+    ratio = 1.0 if target else (0.5 if o.ratio is None else o.ratio)  # targets: 1.0 = the group may lose units
+    protected = protected_atoms(analysis, o.keep)
+    by_kind = kind_ratios(analysis, ratio, o.head_ratio, o.mlp_ratio, o.hidden_ratio, o.head_dim_ratio, o.gqa)
+    ratios = {g.id: by_kind[g.kind] for g in analysis.groups}
+    if target:
+        return select_target(analysis, scores, target.kind, target.wanted, eligible=ratios, round_to=o.round_to,
+                             comparable=comparable, protected=protected, info=target.info)
+    return select(analysis.groups, scores, ratios, global_rank=o.global_rank, round_to=o.round_to,
+                  protected=protected, comparable=comparable)
 
 
 def score_groups(analysis: Analysis, groups, crit, need: str | None, cal, seed: int, t: dict) -> dict[int, np.ndarray]:
@@ -157,17 +143,6 @@ def score_groups(analysis: Analysis, groups, crit, need: str | None, cal, seed: 
         t["calibrate"] = t.get("calibrate", 0.0) + time.perf_counter() - t1
     ctx = CriterionContext(rng=np.random.default_rng(seed), stats=stats, analysis=analysis)
     return {g.id: crit(g, ctx) for g in groups}
-
-
-def check_ratios(ratio, head_ratio, mlp_ratio, hidden_ratio, head_dim_ratio, gqa, round_to) -> None:
-    for flag, r in (("ratio", ratio), ("head-ratio", head_ratio), ("mlp-ratio", mlp_ratio),
-                    ("hidden-ratio", hidden_ratio), ("head-dim-ratio", head_dim_ratio)):
-        if r is not None and not (isinstance(r, (int, float)) and 0 <= r < 1):
-            raise SurgeryError(f"--{flag} must be in [0, 1), got {r}")
-    if gqa not in ("kv", "query"):
-        raise SurgeryError(f"--gqa must be 'kv' or 'query', got {gqa!r}")
-    if round_to < 1:
-        raise SurgeryError(f"--round-to must be >= 1, got {round_to}")
 
 
 def kind_ratios(analysis: Analysis, ratio: float, head_ratio: float | None, mlp_ratio: float | None,
@@ -189,8 +164,6 @@ def calibration_checks(crit, name: str, calib, compensate):
     from surgery.passes.criteria import needs_stats
 
     need = needs_stats(crit)
-    if compensate is not None and compensate not in ("bias", "lstsq"):
-        raise SurgeryError(f"--compensate must be 'bias' or 'lstsq', got {compensate!r}")
     if need and calib is None:
         raise SurgeryError(f"criterion '{name}' is data-aware: it needs calibration data (--calib data.npz, "
                            f"or calib= in the API); surgery never scores it on random inputs")

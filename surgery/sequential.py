@@ -72,6 +72,7 @@ import onnx_ir as ir
 from surgery.analysis import Analysis, Group
 from surgery.errors import SurgeryError
 from surgery.metrics import count_flops, count_params
+from surgery.options import PruneOptions
 from surgery.plan import Plan, build_plan
 
 
@@ -91,18 +92,9 @@ class SequentialPlan(Plan):
 def prune_sequential(source, example_inputs=None, **options):
     """``surgery.prune`` one group at a time (see the module docstring); the same keyword
     arguments, with ``surgery.prune``'s defaults."""
-    import inspect
-    import types
-
     from surgery import pipeline
 
-    defaults = {k: p.default for k, p in inspect.signature(pipeline.prune_onnx).parameters.items()
-                if p.kind is p.KEYWORD_ONLY}
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise TypeError(f"prune_sequential() got an unexpected keyword argument '{unknown[0]}'")
-    o = types.SimpleNamespace(**{**defaults, **options})
-
+    o = PruneOptions.from_kwargs("prune_sequential", **options)
     if pipeline.is_torch_module(source):
         raise SurgeryError("--sequential is for ONNX models; a PyTorch module is pruned in one shot")
     if example_inputs is not None or o.loss is not None:
@@ -115,8 +107,6 @@ def prune_sequential(source, example_inputs=None, **options):
     from surgery.passes.policy import select, select_counts
     from surgery.passes.targets import clone
 
-    pipeline.check_ratios(o.ratio, o.head_ratio, o.mlp_ratio, o.hidden_ratio, o.head_dim_ratio, o.gqa, o.round_to)
-    o.keep = list(o.keep)
     crit = get_criterion(o.criterion)
     need, _ = pipeline.calibration_checks(crit, o.criterion, o.calib, o.compensate)
 
@@ -155,7 +145,7 @@ def prune_sequential(source, example_inputs=None, **options):
     timings["allocate"] = time.perf_counter() - t1
     order = [g for g in orig.groups if counts.get(g.id, 0) > 0]
     if not order:  # nothing to do one group at a time: the one-shot prune says so
-        res = pipeline.prune_onnx(original, **vars(o))
+        res = pipeline.run_onnx(original, o)
         res.plan = SequentialPlan(res.plan.groups, compensate=o.compensate)
         res.report.update(sequential=[], compensate=o.compensate)
         return res
