@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import surgery
 from surgery.errors import SurgeryError
-from surgery.passes import criteria as criteria_mod
+from surgery.passes import criteria_core as criteria_mod  # where the registry lives
 from surgery.passes.compensate import _conv_geometry, conv_patches
 from surgery.verify import run
 

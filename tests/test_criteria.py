@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import surgery
 from surgery.errors import SurgeryError
-from surgery.passes import criteria as criteria_mod
+from surgery.passes import criteria_core as criteria_mod  # where the registry lives
 from surgery.passes.criteria import CriterionContext, get_criterion, needs_stats
 from surgery.passes.stats import Calibration, collect
 
