@@ -102,6 +102,7 @@ __all__ = [
     "infer_shapes",
     "iter_tensor_protos",
     "load_onnx",
+    "referenced_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -324,6 +325,20 @@ def iter_tensor_protos(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         yield from _iter_graph_tensors(info.algorithm)
 
 
+def referenced_files(path: str | os.PathLike) -> set[str]:
+    """The model file and every external-data file it names (all graphs, attributes,
+    sparse tensors), as absolute paths; the data files are not opened. Raises the
+    loader's one-line SurgeryError for anything that is not an ONNX file."""
+    path = os.fspath(path)
+    base = os.path.dirname(os.path.abspath(path))
+    files = {os.path.realpath(path)}
+    for tensor in iter_tensor_protos(_read_model_proto(path)):
+        for entry in tensor.external_data:
+            if entry.key == "location" and isinstance(entry.value, str):
+                files.add(os.path.realpath(os.path.join(base, entry.value)))
+    return files
+
+
 # --------------------------------------------------------------------------- #
 # reading and validation
 # --------------------------------------------------------------------------- #
@@ -468,6 +483,10 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: str | None, label: st
         info = {entry.key: entry.value for entry in tensor.external_data}
         name = tensor.name or "<unnamed>"
         location = info.get("location", "")
+        if isinstance(location, bytes):  # protobuf hands back invalid UTF-8 as bytes
+            raise SurgeryError(
+                f"external data location {location!r} of tensor {name!r} in {label!r} is not valid UTF-8"
+            )
         if not location:
             raise SurgeryError(
                 f"tensor {name!r} in {label!r} is stored as external data but has no location"

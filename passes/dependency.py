@@ -64,8 +64,9 @@ def build_dim_graph(model: ir.Model) -> DimGraph:
             if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
                 raise Unsupported("has subgraphs")
             fn(ctx)
-        except Unsupported as e:
-            why = f"{node.op_type} '{node.name}': {e}"
+        except Exception as e:  # noqa: BLE001 - a rule that cannot follow a node blocks it, never a crash
+            detail = str(e) if isinstance(e, Unsupported) else f"cannot be analyzed ({type(e).__name__}: {e})"
+            why = f"{node.op_type} '{node.name}': {detail}"
             for v in [*node.inputs, *node.outputs, *_outer_values(node)]:
                 if _known(v, ctx.filled):
                     _block_value(ctx, v, why)

@@ -80,7 +80,7 @@ class Calibration:
         self.label = "calibration data"
         if isinstance(source, (str, os.PathLike)):
             self.label = os.fspath(source)
-            self._arrays = _read_npz(self.label)
+            self._arrays = read_npz(self.label)
         elif isinstance(source, cabc.Mapping):
             self._arrays = {str(k): np.asarray(v) for k, v in source.items()}
         elif isinstance(source, cabc.Iterable):
@@ -223,7 +223,9 @@ def as_calibration(source, model: ir.Model, *, samples: int | None = None, batch
     return Calibration(source, model, samples=samples, batch=batch)
 
 
-def _read_npz(path: str) -> dict[str, np.ndarray]:
+def read_npz(path) -> dict[str, np.ndarray]:
+    """One numeric array per input name from an .npz, or a one-line SurgeryError naming the problem."""
+    path = str(path)
     if not os.path.isfile(path):
         raise SurgeryError(f"calibration file not found: {path}")
     try:
@@ -232,8 +234,17 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         raise SurgeryError(f"{path} is not an .npz file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise SurgeryError(f"{path} is a single .npy array; give an .npz with one array per input name")
+    out = {}
     with z:
-        return {k: z[k] for k in z.files}
+        for k in z.files:
+            try:
+                a = z[k]
+            except Exception as e:  # noqa: BLE001 - object arrays, corrupt members
+                raise SurgeryError(f"array {k!r} in {path} cannot be read without pickle: {str(e).splitlines()[0]}") from e
+            if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+                raise SurgeryError(f"array {k!r} in {path} has dtype {a.dtype}; calibration data must be numeric")
+            out[k] = a
+    return out
 
 
 _NP = {

@@ -15,6 +15,7 @@ import onnx_ir as ir
 import scipy.sparse as sp
 
 from surgery.dims import NOT_CHANNEL, Coupling, DimGraph, group_atoms
+from surgery.errors import SurgeryError
 from surgery.passes.dependency import build_dim_graph
 
 
@@ -289,3 +290,24 @@ def _name_nodes(model: ir.Model) -> None:
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{i}"
         seen.add(node.name)
+
+
+def refuse_nonfinite(analysis: Analysis) -> None:
+    """Refuse a weight that a prunable group cuts if it holds NaN or infinities: no
+    criterion can rank its channels, and a masked comparison through it means nothing."""
+    seen: set[str] = set()
+    for g in analysis.groups:
+        if not g.prunable:
+            continue
+        for s in g.weight_slices_names():
+            if s.tensor in seen:
+                continue
+            seen.add(s.tensor)
+            v = analysis.model.graph.initializers.get(s.tensor)
+            arr = v.const_value.numpy() if v is not None and v.const_value is not None else None
+            if arr is None or not np.issubdtype(arr.dtype, np.floating):
+                continue
+            bad = int(np.count_nonzero(~np.isfinite(arr)))
+            if bad:
+                raise SurgeryError(f"weight {s.tensor!r} holds {bad} NaN or infinite value(s) of {arr.size}; "
+                                   "its channels cannot be ranked nor a cut through it verified")

@@ -7,7 +7,6 @@ behind on failure, and the input model is never written to.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,61 +14,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from surgery.console import err, fail as _fail, parse_shapes as _shapes
+from surgery.console import clean as _clean, err, fail as _fail, parse_shapes as _shapes, run_app
 from surgery.errors import SurgeryError
+from surgery.outputs import Outputs, check_outputs, write_all
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Structural pruning for ONNX models: "
                   "remove whole channels, heads and units, and prove the cut exact.")
-def _input_files(model: Path) -> set[Path]:
-    """The input model and every external data file it references."""
-    files = {model.resolve()}
-    try:
-        import onnx
-
-        proto = onnx.load(str(model), load_external_data=False)
-        for t in proto.graph.initializer:
-            for e in t.external_data:
-                if e.key == "location":
-                    files.add((model.parent / e.value).resolve())
-    except Exception:  # noqa: BLE001 - the loader reports bad input properly later
-        pass
-    return files
-
-
-def _output_paths(model: Path, out: Optional[Path], *extra: Optional[Path]) -> Path:
-    """Choose the output path and refuse any output that would overwrite the input (model
-    or its external data), another output, or go to a folder that does not exist."""
-    from surgery.backends.onnx_writer import external_data_location
-
-    if out is None:
-        name = model.name[:-5] if model.name.endswith(".onnx") else model.name
-        out = model.with_name(f"{name}.pruned.onnx")
-    inputs = _input_files(model) if model.exists() else set()
-    targets = [("output", out), ("output data", out.parent / external_data_location(out))]
-    targets += [("--report/--plan", p) for p in extra if p is not None]
-    seen: dict[Path, str] = {}
-    for what, p in targets:
-        r = p.resolve()
-        if r in inputs:
-            raise SurgeryError(f"{what} {p} would overwrite the input model or its data; surgery never writes its input")
-        if r in seen:
-            raise SurgeryError(f"{what} {p} is also the {seen[r]}")
-        seen[r] = what
-        if p.exists() and p.is_dir():
-            raise SurgeryError(f"{what} {p} is a directory")
-        if not p.parent.is_dir():
-            raise SurgeryError(f"folder of {what} {p} does not exist")
-    return out
-
-
-def _write_json(path: Optional[Path], data: dict) -> None:
-    if path is None:
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 def _summary(console: Console, rep: dict, out: Path) -> None:
     t = Table(title=f"surgery: {out}", show_header=True, header_style="bold")
     t.add_column("")
@@ -96,17 +46,22 @@ def _summary(console: Console, rep: dict, out: Path) -> None:
     console.print("seconds: " + ", ".join(f"{k} {s:.2f}" for k, s in tm.items()) + f", total {rep['seconds']:.2f}")
 
 
-def _finish(result, model: Path, out: Path, report: Optional[Path], plan: Optional[Path], quiet: bool) -> None:
+def _finish(result, model: Path, outputs: Outputs, quiet: bool, verified: bool = True) -> None:
+    """Refuse a cut that failed its check before anything is written, then write every output
+    (unverified outputs are at least loaded in onnxruntime before they stay)."""
     from surgery.backends.onnx_writer import uses_external_data
+    from surgery.verify import load_check
 
-    ext = True if uses_external_data(model) else None
-    result.save(out, external_data=ext)
-    _write_json(report, result.report)
-    _write_json(plan, result.plan.as_dict())
-    if not quiet:
-        _summary(Console(), result.report, out)
     if result.report["verify"]["exact"] is False:
         _fail(f"the cut is not mask-equivalent ({result.report['verify']['why']}); this is a bug, please report it", 1)
+    ext = True if uses_external_data(model) else None
+    write_all(outputs, lambda path: result.save(path, external_data=ext), result.report,
+              result.plan.as_dict() if outputs.plan is not None else None,
+              check=None if verified else load_check(str(model), result.report["verify"]))
+    if not quiet:
+        _summary(Console(), result.report, outputs.model)
+    if not result.report["verify"].get("validated", True):
+        err.print(f"warning: {_clean(result.report['verify']['why'])}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -162,7 +117,7 @@ def prune(
     from surgery import api
 
     try:
-        out = _output_paths(model, output, report, plan)
+        outputs = check_outputs(model, output, report, plan)
         with _status(quiet, "pruning"):
             result = api.prune(str(model), ratio=ratio, criterion=criterion, global_rank=global_rank,
                                round_to=round_to, keep=keep, seed=seed, input_shapes=_shapes(input_shape),
@@ -171,7 +126,7 @@ def prune(
                                target_params=target_params, target_flops=target_flops,
                                calib=None if calib is None else str(calib), calib_samples=calib_samples,
                                compensate=compensate, sequential=sequential)
-        _finish(result, model, out, report, plan, quiet)
+        _finish(result, model, outputs, quiet, verified=not no_verify)
     except SurgeryError as e:
         _fail(str(e))
 
@@ -190,10 +145,10 @@ def apply(
     from surgery import api
 
     try:
-        out = _output_paths(model, output, report)
+        outputs = check_outputs(model, output, report)
         with _status(quiet, "applying plan"):
             result = api.apply(str(model), str(plan_file), seed=seed, input_shapes=_shapes(input_shape))
-        _finish(result, model, out, report, None, quiet)
+        _finish(result, model, outputs, quiet)
     except SurgeryError as e:
         _fail(str(e))
 
@@ -254,10 +209,7 @@ class _status:
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from surgery.analysis import Analysis
+from surgery.analysis import Analysis, refuse_nonfinite
 from surgery.errors import SurgeryError
 from surgery.metrics import count_flops, count_params
 from surgery.options import PruneOptions
@@ -189,6 +189,7 @@ def load_and_analyze(source, input_shapes) -> tuple[Analysis, dict, float]:
     t["load"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     analysis = Analysis(model)
+    refuse_nonfinite(analysis)
     t["analysis"] = time.perf_counter() - t1
     return analysis, t, t0
 

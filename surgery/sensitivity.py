@@ -49,7 +49,7 @@ def sensitivity(
     import onnx_ir as ir
 
     from surgery import api
-    from surgery.analysis import Analysis
+    from surgery.analysis import Analysis, refuse_nonfinite
     from surgery.passes.criteria import CriterionContext, get_criterion
     from surgery.passes.policy import select
     from surgery.passes.targets import clone, cut_copy
@@ -63,6 +63,7 @@ def sensitivity(
         model = api.load(model, input_shapes=input_shapes)
     ir.external_data.load_to_model(model)
     analysis = Analysis(model)  # names every node: copies made after this share the names
+    refuse_nonfinite(analysis)
     dense_proto = ir.to_proto(model)
     feeds, note, cal = _inputs(model, calib, input_shapes, seed)
     dense = [run(dense_proto, f) for f in feeds]
@@ -157,20 +158,14 @@ def _inputs(model, calib, input_shapes, seed) -> tuple[list[dict], str, object]:
 
 def _load_calib(calib) -> tuple[list[dict], str]:
     """Without the calibration helper: an ``.npz`` (or dict) of input name -> array, one batch."""
-    import numpy as np
 
     if isinstance(calib, dict):
         return [dict(calib)], "(given arrays)"
     if isinstance(calib, (list, tuple)) and all(isinstance(b, dict) for b in calib):
         return [dict(b) for b in calib], "(given batches)"
-    path = Path(calib)
-    if not path.is_file():
-        raise SurgeryError(f"calibration file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return [{k: z[k] for k in z.files}], str(path)
-    except Exception as e:  # noqa: BLE001
-        raise SurgeryError(f"{path} is not an .npz file: {str(e).splitlines()[0]}") from e
+    from surgery.passes.stats import read_npz
+
+    return [read_npz(calib)], str(calib)
 
 
 def _criterion_stats(analysis, crit, name: str, cal):

@@ -69,7 +69,7 @@ import time
 import numpy as np
 import onnx_ir as ir
 
-from surgery.analysis import Analysis, Group
+from surgery.analysis import Analysis, Group, refuse_nonfinite
 from surgery.errors import SurgeryError
 from surgery.metrics import count_flops, count_params
 from surgery.options import PruneOptions
@@ -118,6 +118,7 @@ def prune_sequential(source, example_inputs=None, **options):
     timings["load"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     orig = Analysis(original)  # names every node; the working copy shares the names
+    refuse_nonfinite(orig)
     by_kind = pipeline.kind_ratios(orig, 0.5 if o.ratio is None else o.ratio, o.head_ratio, o.mlp_ratio, o.hidden_ratio,
                                o.head_dim_ratio, o.gqa)
     ratios = {g.id: by_kind[g.kind] for g in orig.groups}

@@ -29,9 +29,10 @@ class VerifyResult:
     max_abs_diff: float | None
     exact: bool | None
     why: str
+    validated: bool = True  # the output loads in onnxruntime (False only when that could not be checked)
 
     def as_dict(self) -> dict:
-        return {"max_abs_diff": self.max_abs_diff, "exact": self.exact, "why": self.why}
+        return {"max_abs_diff": self.max_abs_diff, "exact": self.exact, "why": self.why, "validated": self.validated}
 
 
 def random_feeds(model: ir.Model, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
@@ -49,14 +50,29 @@ def random_feeds(model: ir.Model, shapes: dict[str, tuple[int, ...]], seed: int 
     return feeds
 
 
-def session(proto: onnx.ModelProto) -> ort.InferenceSession:
+def session(proto: onnx.ModelProto | str) -> ort.InferenceSession:
+    """An onnxruntime session (no graph optimization, no log lines) on a proto or a file path."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    src = proto if isinstance(proto, str) else proto.SerializeToString()
     try:
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
-        raise SurgeryError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
+        raise SurgeryError(f"onnxruntime cannot load the model: {(str(e).splitlines() or [type(e).__name__])[0]}") from e
+
+
+def load_error(path: str) -> str | None:
+    """Why the ONNX file at ``path`` fails onnx's checker or an onnxruntime session, or None."""
+    try:
+        onnx.checker.check_model(path)
+    except Exception as e:  # noqa: BLE001 - any failure is the answer
+        return f"onnx.checker: {(str(e).splitlines() or [type(e).__name__])[0]}"
+    try:
+        session(path)
+    except SurgeryError as e:
+        return str(e)
+    return None
 
 
 def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -91,13 +107,17 @@ def compare(a: list[np.ndarray], b: list[np.ndarray]) -> float:
         if x.shape != y.shape:
             raise SurgeryError(f"pruned model output shape {y.shape} differs from the original's {x.shape}")
         if x.size and np.issubdtype(x.dtype, np.number):
-            d = np.abs(x.astype(np.float64) - y.astype(np.float64))
-            worst = max(worst, float(np.nanmax(d)) if not np.isnan(d).all() else float("inf"))
+            x64, y64 = x.astype(np.float64), y.astype(np.float64)
+            same = (x64 == y64) | (np.isnan(x64) & np.isnan(y64))  # equal infinities and NaNs agree
+            with np.errstate(invalid="ignore"):
+                d = np.where(same, 0.0, np.abs(x64 - y64))
+            worst = max(worst, float(np.nan_to_num(d, nan=np.inf).max()))
     return worst
 
 
 def tolerance(ref: list[np.ndarray]) -> float:
-    scale = max((float(np.abs(r).max()) for r in ref if r.size and np.issubdtype(r.dtype, np.floating)), default=1.0)
+    finite = [np.abs(r[np.isfinite(r)]) for r in ref if r.size and np.issubdtype(r.dtype, np.floating)]
+    scale = max((float(f.max()) for f in finite if f.size), default=1.0)
     return 1e-4 * max(1.0, scale)
 
 
@@ -117,3 +137,22 @@ def verify(
     if diff <= tol:
         return VerifyResult(diff, True, f"mask-equivalent within {tol:.1e}")
     return VerifyResult(diff, False, f"outputs differ from the masked original by {diff:.3g} (tolerance {tol:.1e})")
+
+
+def load_check(source: str, verify_report: dict):
+    """For a run without verification: a check of the written output that it loads (onnx
+    checker and an onnxruntime session), noted in ``verify_report``. An output that does
+    not load is refused, unless the input does not load either (ops this onnxruntime lacks):
+    then the report and stderr say plainly that the output was not validated."""
+    def check(path) -> None:
+        problem = load_error(str(path))
+        if problem is None:
+            verify_report["why"] += "; the output loads in onnxruntime"
+            return
+        base = load_error(source)
+        if base is None:
+            raise SurgeryError(f"the pruned model does not load ({problem}) though the input does; "
+                               "this is a bug, please report it")
+        verify_report["validated"] = False
+        verify_report["why"] += f"; not validated: the input does not load either ({base})"
+    return check

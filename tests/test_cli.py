@@ -31,6 +31,8 @@ from typer.testing import CliRunner
 
 from corpus import build
 
+import surgery
+
 REPO = Path(__file__).resolve().parents[1]
 RESNET = REPO / "models" / "resnet_tiny.onnx"
 MOBILENET = REPO / "models" / "mobilenet_tiny.onnx"
@@ -39,7 +41,7 @@ REPORT_KEYS = {
     "params_before", "params_after", "flops_before", "flops_after",
     "groups_total", "groups_prunable", "groups_pruned", "seconds", "verify",
 }
-VERIFY_KEYS = {"max_abs_diff", "exact", "why"}
+VERIFY_KEYS = {"max_abs_diff", "exact", "why", "validated"}
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -50,8 +52,9 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 def _env() -> dict:
     env = dict(os.environ)
-    # import the repo's package (not whatever an editable finder resolves from another cwd)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # the package the test process imported (the editable install, or an import tree on
+    # PYTHONPATH): the repo folder itself is not one, its subpackages live beside surgery/
+    env.setdefault("PYTHONPATH", str(Path(surgery.__file__).resolve().parents[1]))
     env["COLUMNS"] = "200"
     env["NO_COLOR"] = "1"
     env.pop("FORCE_COLOR", None)

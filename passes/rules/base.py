@@ -88,7 +88,7 @@ class RuleContext:
             if v is not None:
                 self._shapes[id(v)] = s
         if s is None:
-            raise Unsupported(f"the shape of {v.name if v is not None else '?'} is unknown")
+            raise Unsupported(f"shape of '{v.name if v is not None else '?'}' unknown")
         return s
 
     def rank(self, v: ir.Value) -> int:
@@ -199,8 +199,10 @@ class RuleContext:
 
 def dim_keys(v: ir.Value, filled: tuple | None = None) -> list:
     """Per axis: the int size, the symbol name, or None when unknown."""
+    if v.shape is None and filled is None:
+        raise Unsupported(f"shape of '{v.name}' unknown")
     out = []
-    for k, d in enumerate(v.shape):
+    for k, d in enumerate(v.shape if v.shape is not None else filled):
         if isinstance(d, int):
             out.append(d)
         elif filled is not None and filled[k] is not None:

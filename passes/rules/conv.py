@@ -22,6 +22,8 @@ def _spatial_block(ctx: RuleContext, *values) -> None:
 def _grouped(ctx: RuleContext, chan: int, groups: int, tag: str) -> tuple[int, int]:
     """Split a channel axis into groups x per-group (virtual axes); returns their ids."""
     size = ctx.g.axes[chan].size
+    if groups < 1:
+        raise Unsupported(f"group={groups} is not a positive count")
     if size < 0 or size % groups:
         raise Unsupported(f"channels ({size}) not divisible by groups ({groups})")
     G = ctx.virtual("groups", groups)

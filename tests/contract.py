@@ -1,0 +1,139 @@
+"""The command line's contract with an unattended caller, as a checker.
+
+Every run of ``surgery`` ends one of two ways:
+
+- exit 0 and an output that onnxruntime loads and runs;
+- exit 2, exactly one line on stderr, and no file left behind.
+
+Either way no traceback is printed, the run finishes within its time and memory
+budget, and every file that was in the input's folder before the run is
+byte-identical after it. ``run_cli`` runs one case in a subprocess under a memory
+cap and a timeout and returns the broken clauses (empty when the contract held).
+Used by tests/test_hostile.py (one case per known finding) and tests/test_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import surgery
+
+_SITE = str(Path(surgery.__file__).resolve().parents[1])
+
+
+@dataclasses.dataclass
+class Outcome:
+    code: int | None  # None: timed out
+    stderr: str
+    broken: list[str]  # the clauses the run broke
+
+    def __str__(self) -> str:
+        return f"exit {self.code}; broken: {self.broken}; stderr: {self.stderr[-600:]!r}"
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Path -> sha256 (or file type) of every entry under ``folder``."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in files + dirs:
+            p = Path(root) / name
+            if p.is_symlink() or not p.is_file():
+                out[str(p)] = "dir" if p.is_dir() else "special"
+            else:
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _limits(mem_mb: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_AS, (mem_mb << 20, mem_mb << 20))
+    return apply
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.setdefault("PYTHONPATH", _SITE)
+    e.update(COLUMNS="200", NO_COLOR="1", TERM="dumb")
+    e.pop("FORCE_COLOR", None)
+    return e
+
+
+def run_cli(args: list[str], folder: Path, outputs: list[Path] = (), *, timeout: float = 120,
+            mem_mb: int = 3072, watch: list[Path] = ()) -> Outcome:
+    """Run ``surgery ARGS`` and check the contract; ``outputs`` are the files exit 0 must
+    write (the first is the model), ``watch`` extra folders whose files must not change."""
+    folders = [folder, *watch]
+    before = {k: v for f in folders for k, v in snapshot(f).items()}
+    try:
+        p = subprocess.run([sys.executable, "-m", "surgery.cli", *args], capture_output=True, text=True,
+                           errors="replace", timeout=timeout, env=env(), preexec_fn=_limits(mem_mb),
+                           stdin=subprocess.DEVNULL)
+        code, stderr = p.returncode, p.stderr
+    except subprocess.TimeoutExpired as e:
+        code, stderr = None, (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else ""
+    after = {k: v for f in folders for k, v in snapshot(f).items()}
+    broken = []
+    if code is None:
+        broken.append("hang")
+    if "Traceback" in stderr:
+        broken.append("traceback")
+    if "MemoryError" in stderr:
+        broken.append("memory")
+    changed = [k for k, v in before.items() if after.get(k) != v]
+    if changed:
+        broken.append(f"changed {changed}")
+    new = sorted(set(after) - set(before))
+    if code == 0:
+        broken += _check_outputs(outputs, new)
+    elif code == 2:
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        if len(lines) != 1:
+            broken.append(f"{len(lines)} stderr lines")
+        if new:
+            broken.append(f"left {new}")
+    elif code is not None:
+        broken.append(f"exit {code}")
+    return Outcome(code, stderr, broken)
+
+
+def _check_outputs(outputs, new) -> list[str]:
+    if not outputs:
+        return []
+    model = Path(outputs[0])
+    if str(model) not in new and not model.is_file():
+        return [f"no output {model}"]
+    try:
+        run_model(model)
+    except Exception as e:  # noqa: BLE001 - any failure is the finding
+        return [f"output does not run: {type(e).__name__}: {str(e).splitlines()[0][:200]}"]
+    return []
+
+
+_NP = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+       "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+       "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+
+
+def run_model(path: Path) -> list:
+    """Load ``path`` in onnxruntime and run it on small random inputs (symbolic dims 1)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in s.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        dt = _NP.get(i.type, np.float32)
+        feeds[i.name] = (rng.standard_normal(shape) if np.issubdtype(dt, np.floating)
+                         else np.zeros(shape)).astype(dt)
+    return s.run(None, feeds)
