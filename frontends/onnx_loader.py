@@ -629,7 +629,17 @@ def _one_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- #
 
 
+def _check_declared_dims(model: ir.Model, label: str) -> None:
+    """A negative size declared on a graph input or output is no shape at all."""
+    for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
+        for v in values:
+            for k, d in enumerate(v.shape or ()):
+                if isinstance(d, int) and d < 0:
+                    raise SurgeryError(f"graph {kind} {v.name!r} of {label!r} declares size {d} for axis {k}")
+
+
 def _normalize(model: ir.Model, label: str) -> None:
+    _check_declared_dims(model, label)
     try:
         if RemoveInitializersFromInputsPass()(model).modified and (model.ir_version or 0) < 4:
             model.ir_version = 4  # IR < 4 requires every initializer to be a graph input

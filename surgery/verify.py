@@ -35,12 +35,20 @@ class VerifyResult:
         return {"max_abs_diff": self.max_abs_diff, "exact": self.exact, "why": self.why, "validated": self.validated}
 
 
+#: Verification refuses to make an input bigger than this many elements (1 GiB of float32).
+MAX_FEED_ELEMENTS = 2**28
+
+
 def random_feeds(model: ir.Model, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
     for v in model.graph.inputs:
         dt = _NP.get(v.dtype, np.float32)
         shp = shapes[v.name]
+        n = int(np.prod([int(d) for d in shp], dtype=object))
+        if n > MAX_FEED_ELEMENTS or min(shp, default=0) < 0:
+            raise SurgeryError(f"verification would feed input {v.name!r} of shape {'x'.join(map(str, shp))} "
+                               f"({n:,} elements); give smaller sizes with --input-shape, or --no-verify")
         if np.issubdtype(dt, np.floating):
             feeds[v.name] = rng.standard_normal(shp).astype(dt)
         elif dt == np.bool_:
