@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import warnings
 
 import typer
 from rich.console import Console
@@ -33,7 +36,13 @@ def fail(msg: str, code: int = 2):
 
 def run_app(app: typer.Typer) -> None:
     """Run the CLI with click's usage errors (missing argument, bad value, unknown option)
-    printed as the same one ``error:`` line as every other error, exit status 2."""
+    printed as the same one ``error:`` line as every other error, exit status 2. Library
+    warnings and log records stay off stderr (``SURGERY_LOG=DEBUG`` shows them), so that
+    a refusal is one line."""
+    level = logging.getLevelName(os.environ.get("SURGERY_LOG", "CRITICAL").upper())
+    logging.basicConfig(level=level if isinstance(level, int) else logging.CRITICAL, format="%(name)s: %(message)s")
+    if not sys.warnoptions and logging.getLogger().level > logging.WARNING:
+        warnings.simplefilter("ignore")
     try:
         code = app(standalone_mode=False)
     except _usage.NoArgsIsHelpError as e:

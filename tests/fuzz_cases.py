@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -422,7 +423,7 @@ FAMILIES = {"graphs": graph_cases, "mutated": mutated_cases, "argv": argv_cases,
 
 
 def fresh_folder(root: Path, n: int) -> Path:
-    d = root / f"case{n:05d}"
-    d.mkdir(parents=True)
+    """A new empty folder for case ``n`` (unique even when hypothesis replays a draw)."""
+    d = Path(tempfile.mkdtemp(prefix=f"case{n:05d}-", dir=root))
     os.chmod(d, 0o755)
     return d
