@@ -322,3 +322,27 @@ def all_axes(v: ir.Value) -> list[int]:
 
 def shapes_known(*values: ir.Value | None) -> bool:
     return all(v is not None and v.shape is not None for v in values)
+
+
+# -- rewrites: how an op's attributes and constant inputs change after a cut --
+
+REWRITES: dict[tuple[str, str], Callable] = {}
+
+
+def rewrite(*op_types: str, domain: str = ""):
+    """Register an op family's rewrite: ``(ctx: rules.cut_context.CutContext, node) -> None``,
+    called by passes.cut before the weights are sliced, while the node still has its old
+    shapes. It fixes what spells out a size (a group count, a reshape target, split sizes,
+    slice bounds) so the node fits the kept channels."""
+
+    def deco(fn):
+        for op in op_types:
+            REWRITES[(domain, op)] = fn
+        return fn
+
+    return deco
+
+
+def op_key(node: ir.Node) -> tuple[str, str]:
+    """A node's registry key: (domain, op_type), the default domain spelled ""."""
+    return (node.domain if node.domain != "ai.onnx" else "", node.op_type)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
 from surgery.dims import NOT_CHANNEL
 
-from .base import RuleContext, Unsupported, all_axes, flops, rule, shapes_known
+from .base import RuleContext, Unsupported, all_axes, const_array, flops, rewrite, rule, shapes_known
+from .cut_context import CutContext
 
 SPATIAL = "spatial axis (" + NOT_CHANNEL + ")"
 
@@ -162,3 +164,25 @@ def conv_flops(node) -> list:
     w = node.inputs[1]
     big = node.outputs[0] if node.op_type == "Conv" else node.inputs[0]
     return [(2, [(big, all_axes(big)), (w, list(range(1, len(w.shape))))])]
+
+
+@rewrite("Conv", "ConvTranspose")
+def _conv(ctx: CutContext, node: ir.Node) -> None:
+    g = ctx.kept_size(("virtual", node.name, "groups"))
+    if g is not None and node.attributes.get("group") is not None:
+        node.attributes["group"] = ir.AttrInt64("group", g)
+
+
+
+
+@rewrite("Resize")
+def _resize(ctx: CutContext, node: ir.Node) -> None:
+    if len(node.inputs) < 4 or node.inputs[3] is None:
+        return
+    rem = ctx.value_removed(node.outputs[0], 1)
+    sizes = const_array(node.inputs[3])
+    if rem is None or sizes is None:
+        return
+    sizes = sizes.copy()
+    sizes[1] -= len(rem)
+    ctx.set_const_input(node, 3, sizes)

@@ -4,7 +4,10 @@ but marked inexact."""
 
 from __future__ import annotations
 
-from .base import RuleContext, Unsupported, rule
+import onnx_ir as ir
+
+from .base import RuleContext, Unsupported, rewrite, rule
+from .cut_context import CutContext
 from .conv import _grouped
 
 
@@ -82,3 +85,10 @@ def ms_layer_norm(ctx: RuleContext) -> None:
     if ctx.op.startswith("Skip"):
         raise Unsupported("fused skip-normalization is not analyzed yet")
     _last_axes_norm(ctx, int(ctx.attr("axis", -1)), 2)
+
+
+@rewrite("GroupNormalization")
+def _group_norm(ctx: CutContext, node: ir.Node) -> None:
+    g = ctx.kept_size(("virtual", node.name, "groups"))
+    if g is not None:
+        node.attributes["num_groups"] = ir.AttrInt64("num_groups", g)
