@@ -2,4 +2,7 @@
 importing this package registers them all."""
 
 from . import attention, conv, elementwise, linear, norm, reduce, shape  # noqa: F401
-from .base import FLOPS, REWRITES, RULES, RuleContext, Unsupported, flop_terms, flops, rewrite, rule  # noqa: F401
+from .base import (  # noqa: F401
+    CONSUMERS, FLOPS, NORM_SCALE, REWRITES, RULES, RuleContext, Unsupported, consumer, flop_terms, flops, norm_scale,
+    op_key, rewrite, rule,
+)

@@ -8,6 +8,7 @@ the caller, so a forgotten axis can never be cut silently.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -346,3 +347,49 @@ def rewrite(*op_types: str, domain: str = ""):
 def op_key(node: ir.Node) -> tuple[str, str]:
     """A node's registry key: (domain, op_type), the default domain spelled ""."""
     return (node.domain if node.domain != "ai.onnx" else "", node.op_type)
+
+
+# -- roles other passes read: consumers (criteria, compensation) and normalization scales --
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerRole:
+    """An op that reads an activation X (input 0) through a weight W (input 1): the data-aware
+    criteria score X's channels through it and compensation refits it.
+
+    ``axes(node, x_rank, w_rank) -> (x_axis, w_axis)``: the axes of X and W it contracts
+    (non-negative). ``dense_weight(node, W) -> (outputs, X channels, taps)``: entry
+    [o, c, t] multiplies channel c of X (at tap t) into output o."""
+
+    axes: Callable[[ir.Node, int, int], tuple[int, int]]
+    dense_weight: Callable[[ir.Node, np.ndarray], np.ndarray]
+
+
+CONSUMERS: dict[tuple[str, str], ConsumerRole] = {}
+
+
+def consumer(*op_types: str, axes: Callable[[ir.Node, int, int], tuple[int, int]], domain: str = ""):
+    """Register ops as consumers; decorates their ``dense_weight`` (see ConsumerRole)."""
+
+    def deco(fn):
+        for op in op_types:
+            CONSUMERS[(domain, op)] = ConsumerRole(axes, fn)
+        return fn
+
+    return deco
+
+
+NORM_SCALE: dict[tuple[str, str], int] = {}  # (domain, op) -> input index of the per-channel scale
+
+
+def norm_scale(*op_types: str, input: int, domain: str = ""):
+    """Declare which input of a normalization is its per-channel scale (read by the
+    ``bn-scale`` criterion). A decorator that returns what it decorates (the op's rule)."""
+    for op in op_types:
+        NORM_SCALE[(domain, op)] = input
+    return lambda fn: fn
+
+
+def node_attr(node: ir.Node, name: str, default=None):
+    a = node.attributes.get(name)
+    return default if a is None else a.value

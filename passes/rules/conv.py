@@ -7,7 +7,8 @@ import onnx_ir as ir
 
 from surgery.dims import NOT_CHANNEL
 
-from .base import RuleContext, Unsupported, all_axes, const_array, flops, rewrite, rule, shapes_known
+from .base import (RuleContext, Unsupported, all_axes, const_array, consumer, flops, node_attr, rewrite, rule,
+                   shapes_known)
 from .cut_context import CutContext
 
 SPATIAL = "spatial axis (" + NOT_CHANNEL + ")"
@@ -186,3 +187,36 @@ def _resize(ctx: CutContext, node: ir.Node) -> None:
     sizes = sizes.copy()
     sizes[1] -= len(rem)
     ctx.set_const_input(node, 3, sizes)
+
+
+# -- consumer role: what the data-aware criteria and compensation read through a kernel --
+
+
+@consumer("Conv", axes=lambda node, xr, wr: (1, 1))
+def conv_dense_weight(node: ir.Node, W: np.ndarray) -> np.ndarray:
+    """(O, Cin, taps); a grouped kernel is expanded with zeros to all Cin channels."""
+    g = int(node_attr(node, "group", 1))
+    O, P = W.shape[0], W.shape[1]
+    Wr = W.reshape(O, P, -1)
+    if g == 1:
+        return Wr
+    out = np.zeros((O, P * g, Wr.shape[2]))
+    og = O // g
+    for i in range(g):
+        out[i * og : (i + 1) * og, i * P : (i + 1) * P] = Wr[i * og : (i + 1) * og]
+    return out
+
+
+@consumer("ConvTranspose", axes=lambda node, xr, wr: (1, 0))
+def conv_transpose_dense_weight(node: ir.Node, W: np.ndarray) -> np.ndarray:
+    """(Cout, Cin, taps) from the (Cin, Cout/g, ...) kernel; groups expanded with zeros."""
+    g = int(node_attr(node, "group", 1))
+    C, Og = W.shape[0], W.shape[1]
+    Wr = W.reshape(C, Og, -1).transpose(1, 0, 2)  # (Og, C, K)
+    if g == 1:
+        return Wr
+    out = np.zeros((Og * g, C, Wr.shape[2]))
+    cg = C // g
+    for i in range(g):
+        out[i * Og : (i + 1) * Og, i * cg : (i + 1) * cg] = Wr[:, i * cg : (i + 1) * cg]
+    return out
