@@ -23,10 +23,19 @@ class Unsupported(Exception):
     """The rule cannot handle this node; every axis it touches is blocked with this reason."""
 
 
+def register(table: dict, what: str, domain: str, op_types: tuple[str, ...], value) -> None:
+    """Enter ``value`` for every op in a registry; one family owns an op, so a second entry
+    for the same (domain, op) is an error, not a silent override by import order."""
+    for op in op_types:
+        key = (domain, op)
+        if key in table and table[key] is not value:
+            raise ValueError(f"two {what} registered for {domain + '.' if domain else ''}{op}")
+        table[key] = value
+
+
 def rule(*op_types: str, domain: str = ""):
     def deco(fn):
-        for op in op_types:
-            RULES[(domain, op)] = fn
+        register(RULES, "channel rules", domain, op_types, fn)
         return fn
 
     return deco
@@ -305,8 +314,7 @@ def flops(*op_types: str, domain: str = ""):
     can never disagree. A formula returns [] when a shape it needs is unknown."""
 
     def deco(fn):
-        for op in op_types:
-            FLOPS[(domain, op)] = fn
+        register(FLOPS, "FLOP formulas", domain, op_types, fn)
         return fn
 
     return deco
@@ -337,8 +345,7 @@ def rewrite(*op_types: str, domain: str = ""):
     slice bounds) so the node fits the kept channels."""
 
     def deco(fn):
-        for op in op_types:
-            REWRITES[(domain, op)] = fn
+        register(REWRITES, "rewrites", domain, op_types, fn)
         return fn
 
     return deco
@@ -372,8 +379,7 @@ def consumer(*op_types: str, axes: Callable[[ir.Node, int, int], tuple[int, int]
     """Register ops as consumers; decorates their ``dense_weight`` (see ConsumerRole)."""
 
     def deco(fn):
-        for op in op_types:
-            CONSUMERS[(domain, op)] = ConsumerRole(axes, fn)
+        register(CONSUMERS, "consumer roles", domain, op_types, ConsumerRole(axes, fn))
         return fn
 
     return deco
@@ -385,8 +391,7 @@ NORM_SCALE: dict[tuple[str, str], int] = {}  # (domain, op) -> input index of th
 def norm_scale(*op_types: str, input: int, domain: str = ""):
     """Declare which input of a normalization is its per-channel scale (read by the
     ``bn-scale`` criterion). A decorator that returns what it decorates (the op's rule)."""
-    for op in op_types:
-        NORM_SCALE[(domain, op)] = input
+    register(NORM_SCALE, "normalization scales", domain, op_types, input)
     return lambda fn: fn
 
 
