@@ -68,13 +68,9 @@ def conv_transpose(ctx: RuleContext) -> None:
     _spatial_block(ctx, x, w, y)
 
 
-@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool", "LRN")
+@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
 def pool(ctx: RuleContext) -> None:
     x = ctx.input(0)
-    if ctx.op == "LRN":  # normalizes across neighbouring channels
-        ctx.tie_same(x, ctx.output(0))
-        ctx.block(x, 1, "normalized across channels")
-        return
     for out in ctx.node.outputs:
         if out is None or out.shape is None:
             continue
