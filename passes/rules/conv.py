@@ -170,8 +170,6 @@ def _conv(ctx: CutContext, node: ir.Node) -> None:
         node.attributes["group"] = ir.AttrInt64("group", g)
 
 
-
-
 @rewrite("Resize")
 def _resize(ctx: CutContext, node: ir.Node) -> None:
     if len(node.inputs) < 4 or node.inputs[3] is None:

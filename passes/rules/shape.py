@@ -272,6 +272,9 @@ def tile(ctx: RuleContext) -> None:
             ctx.block(y, k, "tiled")
 
 
+# -- rewrites: shape targets, split sizes, slice bounds and gather indices after a cut --
+
+
 def _new_target(ctx: CutContext, out: ir.Value, old: list[int | None], right_aligned: bool) -> list[int | None] | None:
     """A shape tensor's entries after the cut (None: computed at run time, left alone)."""
     r = len(out.shape)
@@ -290,6 +293,8 @@ def _new_target(ctx: CutContext, out: ir.Value, old: list[int | None], right_ali
 
 
 def rewrite_shape_input(ctx: CutContext, node: ir.Node, i: int, right_aligned: bool) -> None:
+    """Rewrite the shape tensor in input i of a Reshape (left-aligned) or Expand
+    (right-aligned): a constant, or the literal pieces of a Concat that builds it."""
     shape_v = node.inputs[i]
     out = node.outputs[0]
     c = const_array(shape_v)
@@ -336,11 +341,9 @@ def rewrite_shape_input(ctx: CutContext, node: ir.Node, i: int, right_aligned: b
         ctx.set_const_input(mine, j, arr)
 
 
-
 @rewrite("Reshape")
 def _reshape(ctx: CutContext, node: ir.Node) -> None:
     rewrite_shape_input(ctx, node, 1, right_aligned=False)
-
 
 
 @rewrite("Split")
