@@ -167,9 +167,8 @@ def prune_module(
     finally:
         _TAYLOR.reset(token)
     timings["prune_onnx"] = time.perf_counter() - t1
-    pruned_proto = res.onnx
-    sl = _apply_checked(module, res, pruned_proto, m, example_inputs, inplace, timings)
-    target, applied = sl.target, sl.applied
+    sl = _apply_checked(module, res, m, example_inputs, inplace, timings)
+    target, applied, pruned_proto = sl.target, sl.applied, sl.proto
     config = _config_report(target, applied, sl.baseline)
     if strict_config and config.get("from_pretrained") is False:
         if inplace:
@@ -258,10 +257,10 @@ class _Sliced:
     check: dict
     params_before: int
     baseline: Any  # what the config already missed before pruning (a pretrained model), else None
+    proto: onnx.ModelProto  # the pruned ONNX model the module was checked against
 
 
-def _apply_checked(module: nn.Module, res, pruned_proto: onnx.ModelProto, m: _Mapped, example_inputs,
-                   inplace: bool, timings: dict) -> _Sliced:
+def _apply_checked(module: nn.Module, res, m: _Mapped, example_inputs, inplace: bool, timings: dict) -> _Sliced:
     """Slice the plan into (a copy of) the module and check it against the pruned ONNX
     model. On a failed check an in-place module is restored."""
     t1 = time.perf_counter()
@@ -273,6 +272,7 @@ def _apply_checked(module: nn.Module, res, pruned_proto: onnx.ModelProto, m: _Ma
     applied = apply_module_cuts(target, module_cuts)
     timings["apply"] = time.perf_counter() - t1
     t1 = time.perf_counter()
+    pruned_proto = res.onnx
     try:
         check = check_module(target, pruned_proto, example_inputs)
     except SurgeryError as e:
@@ -284,7 +284,7 @@ def _apply_checked(module: nn.Module, res, pruned_proto: onnx.ModelProto, m: _Ma
                                f"cannot follow: {names}") from e
         raise
     timings["check"] = time.perf_counter() - t1
-    return _Sliced(target, applied, module_cuts, unmapped, check, params_before, baseline)
+    return _Sliced(target, applied, module_cuts, unmapped, check, params_before, baseline, pruned_proto)
 
 
 # --------------------------------------------------------------------------- #
