@@ -69,10 +69,14 @@ import time
 import numpy as np
 import onnx_ir as ir
 
+from surgery import pipeline
 from surgery.analysis import Analysis, Group
 from surgery.errors import SurgeryError
 from surgery.metrics import count_flops, count_params
 from surgery.options import PruneOptions
+from surgery.passes.criteria import get_criterion
+from surgery.passes.policy import select, select_counts
+from surgery.passes.targets import clone, cut_copy
 from surgery.plan import Plan, build_plan
 
 
@@ -92,9 +96,6 @@ class SequentialPlan(Plan):
 def prune_sequential(source, example_inputs=None, **options):
     """``surgery.prune`` one group at a time (see the module docstring); the same keyword
     arguments, with ``surgery.prune``'s defaults."""
-    from surgery import pipeline
-    from surgery.passes.criteria import get_criterion
-
     o = PruneOptions.from_kwargs("prune_sequential", **options)
     _check_options(source, example_inputs, o)
     crit = get_criterion(o.criterion)
@@ -126,8 +127,6 @@ def prune_sequential(source, example_inputs=None, **options):
 
 
 def _check_options(source, example_inputs, o: PruneOptions) -> None:
-    from surgery import pipeline
-
     if pipeline.is_torch_module(source):
         raise SurgeryError("--sequential is for ONNX models; a PyTorch module is pruned in one shot")
     if example_inputs is not None or o.loss is not None:
@@ -141,8 +140,6 @@ def _check_options(source, example_inputs, o: PruneOptions) -> None:
 def _load(source, o: PruneOptions, timings: dict) -> tuple[ir.Model, Analysis, dict[int, float], dict]:
     """The original model (loaded once, weights in memory when needed), its analysis, the
     ratio of every group and the atoms the user protects."""
-    from surgery import pipeline
-
     t0 = time.perf_counter()
     original = source if isinstance(source, ir.Model) else pipeline.load(source, input_shapes=o.input_shapes)
     if o.verify_result or o.compensate:
@@ -161,9 +158,6 @@ def _load(source, o: PruneOptions, timings: dict) -> tuple[ir.Model, Analysis, d
 def _allocate(orig: Analysis, ratios: dict, user_protected, o: PruneOptions, crit, need, cal,
               timings: dict) -> dict[int, int]:
     """How many units each group loses: decided once, on the dense model."""
-    from surgery import pipeline
-    from surgery.passes.policy import select
-
     t1 = time.perf_counter()
     prunable = [g for g in orig.groups if g.prunable]
     if o.global_rank:  # ranked together per kind, with the criterion's scores on the dense model
@@ -183,8 +177,6 @@ class _Steps:
     """The loop's state: the working model and, in the original's indices, what is gone."""
 
     def __init__(self, original: ir.Model, orig: Analysis, o: PruneOptions, crit, need, cal, timings: dict) -> None:
-        from surgery.passes.targets import clone
-
         self.original, self.orig, self.o = original, orig, o
         self.crit, self.need, self.cal, self.timings = crit, need, cal, timings
         self.work = clone(original)  # shares the weight tensors; every cut and fit replaces them, never writes into them
@@ -203,9 +195,6 @@ class _Steps:
 
     def step(self, g: Group, count: int) -> None:
         """Analyze the current model, score group g on it, cut ``count`` units, compensate."""
-        from surgery import pipeline
-        from surgery.passes.policy import select_counts
-
         o, timings = self.o, self.timings
         ts = time.perf_counter()
         t1 = time.perf_counter()
@@ -256,8 +245,6 @@ class _Steps:
 def _composed_plan(run: _Steps, order: list[Group]) -> tuple[dict[int, np.ndarray], SequentialPlan, ir.Model]:
     """The plan, in the original model's indices, checked to be whole units of it, and the
     plan replayed on the original (no compensation), checked to have the final structure."""
-    from surgery.passes.targets import cut_copy
-
     orig, removed_orig = run.orig, run.removed_orig
     t1 = time.perf_counter()
     chosen = _units_removed(orig, [g for g in order if g.id in run.done], removed_orig)

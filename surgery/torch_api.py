@@ -70,6 +70,8 @@ import onnx
 import torch
 import torch.nn as nn
 
+from surgery import pipeline
+from surgery.analysis import Analysis
 from surgery.errors import SurgeryError
 from surgery.plan import Plan
 from surgery.backends.torch_module import (
@@ -135,8 +137,6 @@ def prune_module(
     ``strict_config``: for a transformers model, require that its updated config rebuilds
     exactly the pruned shapes (``save_pretrained`` / ``from_pretrained`` round-trip);
     see the module doc."""
-    from surgery import pipeline
-
     _check_args(module, criterion, loss)
     taylor = criterion == "taylor"
     batches = _calib_batches(calib, taylor)
@@ -237,9 +237,6 @@ class _Mapped:
 
     @classmethod
     def of(cls, proto, module: nn.Module, input_shapes) -> "_Mapped":
-        from surgery import pipeline
-        from surgery.analysis import Analysis
-
         tmap = TorchMap(proto, module)
         model = pipeline.load(proto, input_shapes=input_shapes)  # as surgery.prune will load it
         analysis = Analysis(model)
@@ -617,8 +614,6 @@ def _dry_run(module: nn.Module, mcuts: dict) -> None:
 
 def _keep_takes_group_names(analysis) -> bool:
     """Whether surgery.prune's keep= accepts a group name (protecting just that group)."""
-    from surgery import pipeline
-
     g = next((g for g in analysis.groups if g.prunable), None)
     if g is None or g.name in analysis.value_axes:
         return False
