@@ -682,74 +682,94 @@ def apply_module_cuts(root: nn.Module, cuts: TensorCuts, *, name_prefix: str = "
         t = tensors[name][1]
         by_obj.setdefault(id(t), []).extend((int(a), np.asarray(i, dtype=np.int64)) for a, i in c)
         names_of.setdefault(id(t), []).append(name)
-    old_shapes: dict[str, tuple] = {}
-    affected: set[str] = set()
     try:
         with torch.no_grad():
-            for oid, c in by_obj.items():
-                t = tensors[names_of[oid][0]][1]
-                new = _slice(t, c)
-                if isinstance(t, nn.Parameter):
-                    new = nn.Parameter(new, requires_grad=t.requires_grad)
-                for mod, store, attr in holders.get(oid, []):
-                    if store is None:
-                        undo.append(("attr", mod, attr, getattr(mod, attr)))
-                        setattr(mod, attr, new)
-                    else:
-                        undo.append(("store", store, attr, store[attr]))
-                        store[attr] = new
-            # every name of a cut tensor, for the rules of every module holding it
-            all_names: dict[str, list] = {}
-            for name, (_, t) in tensors.items():
-                if id(t) in by_obj:
-                    all_names[name] = by_obj[id(t)]
-                    old_shapes[name] = tuple(t.shape)
-                    owner = name.rpartition(".")[0]
-                    parts = owner.split(".") if owner else []
-                    for k in range(len(parts) + 1):
-                        affected.add(".".join(parts[:k]))
-            done: set[int] = set()
-            config_votes: dict[str, set] = {}
-            for mname in sorted(affected, key=lambda s: (-(s.count(".") + 1) if s else 0, s)):
-                mod = root.get_submodule(mname) if mname else root
-                if id(mod) in done:
-                    continue
-                done.add(id(mod))
-                prefix = f"{mname}." if mname else ""
-                rel = {n[len(prefix):]: c for n, c in all_names.items() if n.startswith(prefix)}
-                rel_shapes = {n[len(prefix):]: s for n, s in old_shapes.items() if n.startswith(prefix)}
-                full = ".".join(n for n in (name_prefix, mname) if n)
-                mc = ModuleCut(full, mod, root, rel, rel_shapes, undo)
-                fn = rule_for(type(mod)) or update_transformer_attributes
-                fn(mod, mc)
-                if mc.changed:
-                    applied.changed[full] = dict(mc.changed)
-                for key, vals in mc.votes.items():
-                    config_votes.setdefault(key, set()).update(vals)
-            cfg = getattr(root, "config", None)
-            width = _input_embedding_width(root, applied)
-            if cfg is not None and width is not None:  # the model width (residual stream) was cut
-                config_votes.setdefault("hidden_size", set()).add(width[1])
-                _set_width_attributes(root, width, undo, applied)
-            if cfg is not None and config_votes:
-                for vote, vals in config_votes.items():
-                    key = next((k for k in CONFIG_ALIASES.get(vote, (vote,)) if hasattr(cfg, k)), None)
-                    if key is None:
-                        continue
-                    if len(vals) == 1:
-                        v = next(iter(vals))
-                        old = getattr(cfg, key)
-                        if old != v:
-                            undo.append(("attr", cfg, key, old))
-                            setattr(cfg, key, v)
-                            applied.config[key] = (old, v)
-                    else:
-                        applied.conflicts[key] = sorted(vals)
-                        applied.notes.append(f"config.{key} left as is: layers now differ ({sorted(vals)})")
+            _swap_tensors(tensors, holders, by_obj, names_of, undo)
+            config_votes = _module_rules(root, tensors, by_obj, applied, undo, name_prefix)
+            _update_config(root, config_votes, applied, undo)
     except Exception:
         applied.undo()
         raise
     return applied
+
+
+def _swap_tensors(tensors: dict, holders: dict, by_obj: dict[int, list], names_of: dict[int, list[str]],
+                  undo: list) -> None:
+    """Replace every cut tensor, in every module or store holding it, by its sliced copy."""
+    for oid, c in by_obj.items():
+        t = tensors[names_of[oid][0]][1]
+        new = _slice(t, c)
+        if isinstance(t, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=t.requires_grad)
+        for mod, store, attr in holders.get(oid, []):
+            if store is None:
+                undo.append(("attr", mod, attr, getattr(mod, attr)))
+                setattr(mod, attr, new)
+            else:
+                undo.append(("store", store, attr, store[attr]))
+                store[attr] = new
+
+
+def _module_rules(root: nn.Module, tensors: dict, by_obj: dict[int, list], applied: Applied, undo: list,
+                  name_prefix: str) -> dict[str, set]:
+    """Run the module rule of every module holding a cut tensor, and of its parents
+    (innermost first); returns the config values they vote for."""
+    old_shapes: dict[str, tuple] = {}
+    affected: set[str] = set()
+    # every name of a cut tensor, for the rules of every module holding it
+    all_names: dict[str, list] = {}
+    for name, (_, t) in tensors.items():
+        if id(t) in by_obj:
+            all_names[name] = by_obj[id(t)]
+            old_shapes[name] = tuple(t.shape)
+            owner = name.rpartition(".")[0]
+            parts = owner.split(".") if owner else []
+            for k in range(len(parts) + 1):
+                affected.add(".".join(parts[:k]))
+    done: set[int] = set()
+    config_votes: dict[str, set] = {}
+    for mname in sorted(affected, key=lambda s: (-(s.count(".") + 1) if s else 0, s)):
+        mod = root.get_submodule(mname) if mname else root
+        if id(mod) in done:
+            continue
+        done.add(id(mod))
+        prefix = f"{mname}." if mname else ""
+        rel = {n[len(prefix):]: c for n, c in all_names.items() if n.startswith(prefix)}
+        rel_shapes = {n[len(prefix):]: s for n, s in old_shapes.items() if n.startswith(prefix)}
+        full = ".".join(n for n in (name_prefix, mname) if n)
+        mc = ModuleCut(full, mod, root, rel, rel_shapes, undo)
+        fn = rule_for(type(mod)) or update_transformer_attributes
+        fn(mod, mc)
+        if mc.changed:
+            applied.changed[full] = dict(mc.changed)
+        for key, vals in mc.votes.items():
+            config_votes.setdefault(key, set()).update(vals)
+    return config_votes
+
+
+def _update_config(root: nn.Module, config_votes: dict[str, set], applied: Applied, undo: list) -> None:
+    """Set the config keys every layer agrees on (and the model width, when cut); note conflicts."""
+    cfg = getattr(root, "config", None)
+    width = _input_embedding_width(root, applied)
+    if cfg is not None and width is not None:  # the model width (residual stream) was cut
+        config_votes.setdefault("hidden_size", set()).add(width[1])
+        _set_width_attributes(root, width, undo, applied)
+    if cfg is None or not config_votes:
+        return
+    for vote, vals in config_votes.items():
+        key = next((k for k in CONFIG_ALIASES.get(vote, (vote,)) if hasattr(cfg, k)), None)
+        if key is None:
+            continue
+        if len(vals) == 1:
+            v = next(iter(vals))
+            old = getattr(cfg, key)
+            if old != v:
+                undo.append(("attr", cfg, key, old))
+                setattr(cfg, key, v)
+                applied.config[key] = (old, v)
+        else:
+            applied.conflicts[key] = sorted(vals)
+            applied.notes.append(f"config.{key} left as is: layers now differ ({sorted(vals)})")
 
 
 # --------------------------------------------------------------------------- #

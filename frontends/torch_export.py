@@ -159,6 +159,31 @@ def split_sequences(proto: onnx.ModelProto) -> int:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13 or not any(n.op_type == "SplitToSequence" for n in g.node):  # Split takes sizes as input from 13
         return 0
+    consts, users, dims = _graph_facts(g)
+    outputs = {o.name for o in g.output}
+    new_nodes, drop, count = [], set(), 0
+    for node in g.node:
+        if id(node) in drop:
+            continue
+        plan = _split_plan(node, consts, users, dims, outputs)
+        if plan is None:
+            new_nodes.append(node)
+            continue
+        new_nodes.extend(_as_split(node, *plan, consts, drop))
+        count += 1
+    if count:
+        del g.node[:]
+        g.node.extend(new_nodes)
+        names = {o for nd in g.node for o in nd.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
+        vis = [vi for vi in g.value_info if vi.name in names]
+        del g.value_info[:]
+        g.value_info.extend(vis)
+    return count
+
+
+def _graph_facts(g: onnx.GraphProto) -> tuple[dict[str, np.ndarray], dict[str, list], dict[str, list]]:
+    """(constant values by name, the nodes using each name (None: a use inside a
+    subgraph), the static dims of every value with a shape)."""
     consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer if not t.external_data}
     for node in g.node:
         if node.op_type == "Constant" and len(node.output) == 1 and not node.domain:
@@ -179,61 +204,56 @@ def split_sequences(proto: onnx.ModelProto) -> int:
     for vi in [*g.input, *g.value_info, *g.output]:
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
             dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-    outputs = {o.name for o in g.output}
-    new_nodes, drop, count = [], set(), 0
-    for node in g.node:
-        if id(node) in drop:
-            continue
-        plan = None
-        if (node.op_type == "SplitToSequence" and not node.domain and len(node.input) == 2 and node.input[1] in consts
-                and node.output[0] not in outputs):
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            shape = dims.get(node.input[0])
-            seq_users = users.get(node.output[0], [])
-            if shape is not None and seq_users and all(
-                    u is not None and u.op_type == "SequenceAt" and not u.domain and len(u.input) == 2
-                    and u.input[1] in consts and consts[u.input[1]].size == 1 for u in seq_users):
-                axis = int(attrs.get("axis", 0)) % len(shape)
-                length = shape[axis]
-                sizes = np.asarray(consts[node.input[1]]).astype(np.int64)
-                if length is not None and sizes.ndim == 0 and int(sizes) > 0:
-                    n, rest = divmod(length, int(sizes))
-                    sizes = np.array([int(sizes)] * n + ([rest] if rest else []), dtype=np.int64)
-                if sizes.ndim == 1 and len(sizes) and (length is None or sizes.sum() == length):
-                    plan = (axis, sizes, seq_users)
-        if plan is None:
-            new_nodes.append(node)
-            continue
-        axis, sizes, seq_users = plan
-        n = len(sizes)
-        outs: list[str | None] = [None] * n
-        extra = []
-        for u in seq_users:
-            k = int(np.asarray(consts[u.input[1]]).reshape(())) % n
-            if outs[k] is None:
-                outs[k] = u.output[0]
-            else:  # the same piece read twice
-                ident = onnx.helper.make_node("Identity", [outs[k]], [u.output[0]], name=f"{u.name}_identity")
-                ident.metadata_props.extend(u.metadata_props)
-                extra.append(ident)
-            drop.add(id(u))
-        outs = [o if o is not None else f"{node.output[0]}_unused_{k}" for k, o in enumerate(outs)]
-        sizes_name = f"{node.output[0]}_split_sizes"
-        const = onnx.helper.make_node("Constant", [], [sizes_name], name=f"{node.name}_sizes",
-                                      value=numpy_helper.from_array(sizes, sizes_name))
-        split = onnx.helper.make_node("Split", [node.input[0], sizes_name], outs, name=node.name, axis=axis)
-        for nd in (const, split):
-            nd.metadata_props.extend(node.metadata_props)
-        new_nodes.extend([const, split, *extra])
-        count += 1
-    if count:
-        del g.node[:]
-        g.node.extend(new_nodes)
-        names = {o for nd in g.node for o in nd.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
-        vis = [vi for vi in g.value_info if vi.name in names]
-        del g.value_info[:]
-        g.value_info.extend(vis)
-    return count
+    return consts, users, dims
+
+
+def _split_plan(node, consts: dict, users: dict, dims: dict, outputs: set) -> tuple | None:
+    """(axis, sizes, SequenceAt users) when ``node`` is a SplitToSequence that can become a
+    Split (constant sizes, every use a SequenceAt at a constant index), else None."""
+    if not (node.op_type == "SplitToSequence" and not node.domain and len(node.input) == 2
+            and node.input[1] in consts and node.output[0] not in outputs):
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    shape = dims.get(node.input[0])
+    seq_users = users.get(node.output[0], [])
+    if shape is None or not seq_users or not all(
+            u is not None and u.op_type == "SequenceAt" and not u.domain and len(u.input) == 2
+            and u.input[1] in consts and consts[u.input[1]].size == 1 for u in seq_users):
+        return None
+    axis = int(attrs.get("axis", 0)) % len(shape)
+    length = shape[axis]
+    sizes = np.asarray(consts[node.input[1]]).astype(np.int64)
+    if length is not None and sizes.ndim == 0 and int(sizes) > 0:
+        n, rest = divmod(length, int(sizes))
+        sizes = np.array([int(sizes)] * n + ([rest] if rest else []), dtype=np.int64)
+    if sizes.ndim == 1 and len(sizes) and (length is None or sizes.sum() == length):
+        return axis, sizes, seq_users
+    return None
+
+
+def _as_split(node, axis: int, sizes: np.ndarray, seq_users: list, consts: dict, drop: set) -> list:
+    """The Constant and Split (and an Identity per piece read twice) replacing ``node`` and
+    its SequenceAt users; the users' ids go into ``drop``."""
+    n = len(sizes)
+    outs: list[str | None] = [None] * n
+    extra = []
+    for u in seq_users:
+        k = int(np.asarray(consts[u.input[1]]).reshape(())) % n
+        if outs[k] is None:
+            outs[k] = u.output[0]
+        else:  # the same piece read twice
+            ident = onnx.helper.make_node("Identity", [outs[k]], [u.output[0]], name=f"{u.name}_identity")
+            ident.metadata_props.extend(u.metadata_props)
+            extra.append(ident)
+        drop.add(id(u))
+    outs = [o if o is not None else f"{node.output[0]}_unused_{k}" for k, o in enumerate(outs)]
+    sizes_name = f"{node.output[0]}_split_sizes"
+    const = onnx.helper.make_node("Constant", [], [sizes_name], name=f"{node.name}_sizes",
+                                  value=numpy_helper.from_array(sizes, sizes_name))
+    split = onnx.helper.make_node("Split", [node.input[0], sizes_name], outs, name=node.name, axis=axis)
+    for nd in (const, split):
+        nd.metadata_props.extend(node.metadata_props)
+    return [const, split, *extra]
 
 
 def drop_zero_bias(proto: onnx.ModelProto) -> int:
@@ -416,6 +436,21 @@ def _alias_names(qualname: str) -> list[str]:
     return [f"p_{flat}", f"b_{flat}", f"c_{flat}", flat]
 
 
+@dataclasses.dataclass
+class _Probes:
+    """The loader's folding evaluated on probes of the float sources ``ok_src``: all ones
+    times the source's number (``id_out``), random values (``rand`` in, ``rand_out`` out),
+    and per axis a, every entry's index along a (``axis_out[a]``)."""
+
+    arrays: dict[str, np.ndarray]
+    ok_src: list[str]
+    maxrank: int
+    rand: dict[str, np.ndarray]
+    id_out: dict[str, np.ndarray]
+    rand_out: dict[str, np.ndarray]
+    axis_out: list[dict[str, np.ndarray]]
+
+
 class TorchMap:
     """ONNX initializer <-> module tensor, including weights the loader folded."""
 
@@ -521,8 +556,6 @@ class TorchMap:
 
         ids = {n: np.full(arrays[n].shape, k + 1) for k, n in enumerate(ok_src)}
         rand = {n: rng.standard_normal(arrays[n].shape) for n in ok_src}
-        id_out = run(ids)
-        rand_out = run(rand)
         axis_out = []
         for a in range(maxrank):
             fill = {}
@@ -534,47 +567,47 @@ class TorchMap:
                     fill[n] = np.broadcast_to(np.arange(shp[a]).reshape(view), shp)
                 else:
                     fill[n] = np.zeros(shp)
-            axis_out.append(run(fill))
+            axis_out.append(fill)
+        pr = _Probes(arrays, ok_src, maxrank, rand, run(ids), run(rand), [run(fill) for fill in axis_out])
         for f, srcs in folded.items():
-            quals = [self.sources[s].qualname for s in srcs]
-            if f not in id_out or f not in rand_out or any(s not in ok_src for s in srcs):
-                result[f] = {"kind": "computed", "sources": quals}
-                continue
-            actual = model.graph.initializers[f].const_value.numpy()
-            if np.array_equal(id_out[f], actual) and np.array_equal(rand_out[f], actual):
-                # depends on the parameters' shapes only (a bias-free conv's zero bias)
-                result[f] = {"kind": "constant", "module": self._scope_of(model, f), "shape_of": quals}
-                continue
-            src_ids = np.rint(id_out[f]).astype(np.int64)
-            order = {k + 1: n for k, n in enumerate(ok_src)}
-            valid = np.isin(src_ids, [ok_src.index(s) + 1 for s in srcs])
-            if not valid.all() or not np.allclose(id_out[f], src_ids):
-                result[f] = {"kind": "computed", "sources": quals}
-                continue
-            idx = [np.rint(axis_out[a][f]).astype(np.int64) if f in axis_out[a] else None for a in range(maxrank)]
-            recon = np.empty(src_ids.shape, dtype=np.float64)
-            good = True
-            for sid in np.unique(src_ids).tolist():
-                n = order[sid]
-                sel = src_ids == sid
-                r = arrays[n].ndim
-                if any(idx[a] is None for a in range(r)):
-                    good = False
-                    break
-                coords = tuple(np.clip(idx[a][sel], 0, arrays[n].shape[a] - 1) for a in range(r))
-                if any(not np.array_equal(c, idx[a][sel]) for a, c in enumerate(coords)):
-                    good = False
-                    break
-                recon[sel] = rand[n].astype(arrays[n].dtype)[coords] if r else rand[n].astype(arrays[n].dtype)
-            if not good or not np.array_equal(recon.astype(rand_out[f].dtype), rand_out[f]):
-                result[f] = {"kind": "computed", "sources": quals}
-                continue
-            uniq = [order[s] for s in np.unique(src_ids).tolist()]
-            remap = {order_id: k for k, order_id in enumerate(np.unique(src_ids).tolist())}
-            local = np.vectorize(remap.get, otypes=[np.int64])(src_ids) if src_ids.size else src_ids
-            result[f] = {"kind": "index", "sources": [self.sources[n].qualname for n in uniq],
-                         "onnx_sources": uniq, "src": local, "idx": idx}
+            result[f] = self._probe_one(model, f, srcs, pr)
         return result
+
+    def _probe_one(self, model, f: str, srcs: list[str], pr: "_Probes") -> dict:
+        """What the probes say of folded tensor f: a constant, an index map of its sources, or computed."""
+        arrays, ok_src, rand = pr.arrays, pr.ok_src, pr.rand
+        quals = [self.sources[s].qualname for s in srcs]
+        computed = {"kind": "computed", "sources": quals}
+        if f not in pr.id_out or f not in pr.rand_out or any(s not in ok_src for s in srcs):
+            return computed
+        actual = model.graph.initializers[f].const_value.numpy()
+        if np.array_equal(pr.id_out[f], actual) and np.array_equal(pr.rand_out[f], actual):
+            # depends on the parameters' shapes only (a bias-free conv's zero bias)
+            return {"kind": "constant", "module": self._scope_of(model, f), "shape_of": quals}
+        src_ids = np.rint(pr.id_out[f]).astype(np.int64)
+        order = {k + 1: n for k, n in enumerate(ok_src)}
+        valid = np.isin(src_ids, [ok_src.index(s) + 1 for s in srcs])
+        if not valid.all() or not np.allclose(pr.id_out[f], src_ids):
+            return computed
+        idx = [np.rint(pr.axis_out[a][f]).astype(np.int64) if f in pr.axis_out[a] else None for a in range(pr.maxrank)]
+        recon = np.empty(src_ids.shape, dtype=np.float64)
+        for sid in np.unique(src_ids).tolist():
+            n = order[sid]
+            sel = src_ids == sid
+            r = arrays[n].ndim
+            if any(idx[a] is None for a in range(r)):
+                return computed
+            coords = tuple(np.clip(idx[a][sel], 0, arrays[n].shape[a] - 1) for a in range(r))
+            if any(not np.array_equal(c, idx[a][sel]) for a, c in enumerate(coords)):
+                return computed
+            recon[sel] = rand[n].astype(arrays[n].dtype)[coords] if r else rand[n].astype(arrays[n].dtype)
+        if not np.array_equal(recon.astype(pr.rand_out[f].dtype), pr.rand_out[f]):
+            return computed
+        uniq = [order[s] for s in np.unique(src_ids).tolist()]
+        remap = {order_id: k for k, order_id in enumerate(np.unique(src_ids).tolist())}
+        local = np.vectorize(remap.get, otypes=[np.int64])(src_ids) if src_ids.size else src_ids
+        return {"kind": "index", "sources": [self.sources[n].qualname for n in uniq],
+                "onnx_sources": uniq, "src": local, "idx": idx}
 
     # -- plan cuts -> module cuts ----------------------------------------------
     def to_module_cuts(self, tensor_cuts: dict[str, list[tuple[int, np.ndarray]]], model,
@@ -635,30 +668,33 @@ class TorchMap:
                         kept[q][...] = True
         out: dict[str, list[tuple[int, np.ndarray]]] = {}
         for q, r in removed.items():
-            if not r.any():
-                continue
-            k = kept[q]
-            if (r & k).any():
-                raise NotRepresentable(
-                    f"the plan removes part of '{q}' (module '{_owner(q) or '<root>'}', "
-                    f"{type(self.module.get_submodule(_owner(q))).__name__}) that another use of it keeps")
-            free = r | ~k  # removed, or used by nothing
-            cuts = []
-            cover = np.zeros_like(r)
-            for a in range(r.ndim):
-                other = tuple(j for j in range(r.ndim) if j != a)
-                full = free.all(axis=other) & r.any(axis=other)
-                idx = np.flatnonzero(full)
-                if len(idx):
-                    cuts.append((a, idx.astype(np.int64)))
-                    sl = [slice(None)] * r.ndim
-                    sl[a] = idx
-                    cover[tuple(sl)] = True
-            if (r & ~cover).any():
-                raise NotRepresentable(
-                    f"the plan's cut of '{q}' (module '{_owner(q) or '<root>'}') is not a set of whole slices of it")
-            out[q] = cuts
+            if r.any():
+                out[q] = self._whole_slices(q, r, kept[q])
         return out, unmapped
+
+    def _whole_slices(self, q: str, r: np.ndarray, k: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Module tensor q's cut as (axis, indices) whole slices: ``r`` marks the entries the
+        plan removes, ``k`` those some use keeps. Raises NotRepresentable when it is not one."""
+        if (r & k).any():
+            raise NotRepresentable(
+                f"the plan removes part of '{q}' (module '{_owner(q) or '<root>'}', "
+                f"{type(self.module.get_submodule(_owner(q))).__name__}) that another use of it keeps")
+        free = r | ~k  # removed, or used by nothing
+        cuts = []
+        cover = np.zeros_like(r)
+        for a in range(r.ndim):
+            other = tuple(j for j in range(r.ndim) if j != a)
+            full = free.all(axis=other) & r.any(axis=other)
+            idx = np.flatnonzero(full)
+            if len(idx):
+                cuts.append((a, idx.astype(np.int64)))
+                sl = [slice(None)] * r.ndim
+                sl[a] = idx
+                cover[tuple(sl)] = True
+        if (r & ~cover).any():
+            raise NotRepresentable(
+                f"the plan's cut of '{q}' (module '{_owner(q) or '<root>'}') is not a set of whole slices of it")
+        return cuts
 
 
 def _has_uses(model, name: str) -> bool:

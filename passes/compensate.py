@@ -380,47 +380,16 @@ def prepare(analysis, removed: dict[int, np.ndarray], calib: Calibration, mode: 
     if mode not in MODES:
         raise SurgeryError(f"--compensate must be one of {', '.join(MODES)}, got {mode!r}")
     inits = analysis.model.graph.initializers
-    dims = analysis.dims
     targets, skipped = [], []
     for c in find_consumers(analysis):
         rem = removed.get(c.x_axis_id)
         if rem is None or not len(rem):
             continue
-        why = _why_not(c, mode, inits)
+        t, why = _target(analysis, c, rem, removed, mode, inits, reference)
         if why:
             skipped.append({"consumer": c.name, "why": why})
-            continue
-        W, b = _effective(c)
-        geo = None
-        taps = 1
-        if c.op == "Conv":
-            geo = _conv_geometry(c.node, c.node.inputs[1].const_value.shape)
-            taps = int(np.prod(geo.kernel))
-        F = W.shape[1]
-        if F != dims.axes[c.x_axis_id].size * taps:
-            skipped.append({"consumer": c.name, "why": f"its weight has {F} input features, its input "
-                            f"{dims.axes[c.x_axis_id].size} x {taps}"})
-            continue
-        if mode == "lstsq" and F > MAX_GRAM:
-            skipped.append({"consumer": c.name, "why": f"{F} input features: the Gram matrix would exceed "
-                            f"{MAX_GRAM} x {MAX_GRAM}"})
-            continue
-        out_id = dims.find(("value", c.w, _out_axis(c)))
-        rem_out = removed.get(out_id, np.zeros(0, np.int64)) if out_id is not None else np.zeros(0, np.int64)
-        keep_out = np.setdiff1d(np.arange(W.shape[0]), rem_out)
-        ref = None
-        if reference is not None:
-            ref, why = _dense_counterpart(reference, c, W.shape[0], keep_out)
-            if why:
-                skipped.append({"consumer": c.name, "why": why})
-                continue
-            if c.op == "MatMul":  # what earlier steps added after it is part of its current bias
-                orig_out = reference.out_indices(c, W.shape[0])
-                b = reference.outside_bias.get(c.name, np.zeros(int(orig_out.max(initial=-1)) + 1))[orig_out]
-        feat_removed = (np.asarray(rem)[:, None] * taps + np.arange(taps)[None, :]).ravel()
-        feat_kept = np.setdiff1d(np.arange(F), feat_removed)
-        targets.append(_Target(c, len(rem), W[keep_out], b[keep_out], np.sort(feat_removed), feat_kept, geo,
-                               None, ref))
+        else:
+            targets.append(t)
 
     comp = Compensation(mode, targets, skipped, calib, reference)
     gram = mode == "lstsq"
@@ -433,34 +402,7 @@ def prepare(analysis, removed: dict[int, np.ndarray], calib: Calibration, mode: 
         def take(outs: dict[str, np.ndarray], held: bool, dense: dict[str, np.ndarray] | None = None,
                  part=part) -> None:
             for t in part:
-                acc = t.acc[held]
-                need_y = acc.G is None or acc.C is not None  # bias mode, or a dense target
-                Wk = t.W[:, t.kept] if t.ref is not None else None
-                width = None
-                fds = itertools.repeat(None)
-                if t.ref is not None:
-                    dc, _, dgeo = t.ref[:3]
-                    width = max(t.W.shape[1], t.ref[1].shape[1] - 1)
-                    fds = _features(dc, dense[dc.x], dgeo, width)
-                for f, fd in zip(_features(t.c, outs[t.c.x], t.geo, width), fds):
-                    acc.n += f.shape[0]
-                    acc.s += f.sum(axis=0)
-                    if acc.G is not None:
-                        acc.G += f.T @ f
-                    if not need_y:
-                        continue
-                    if acc.C is not None:
-                        y = t.dense_output(fd)
-                        acc.C[:-1] += f.T @ y
-                        acc.C[-1] += y.sum(axis=0)
-                        acc.yy += float(np.sum(np.square(y)))
-                        continue
-                    if t.ref is None:  # our own output: the residual is what the removed features add
-                        r = f[:, t.removed] @ t.W[:, t.removed].T
-                    else:
-                        r = t.dense_output(fd) - f[:, t.kept] @ Wk.T - t.b
-                    acc.rs = r.sum(axis=0) + (0.0 if acc.rs is None else acc.rs)
-                    acc.rr += float(np.sum(np.square(r)))
+                _accumulate(t, t.acc[held], outs, dense)
 
         refs = [t for t in part if t.ref is not None]
         run_calibration(analysis.model, calib, sorted({t.c.x for t in part}), take,
@@ -468,6 +410,72 @@ def prepare(analysis, removed: dict[int, np.ndarray], calib: Calibration, mode: 
         for t in part:
             comp.settle(t)
     return comp
+
+
+def _target(analysis, c: Consumer, rem: np.ndarray, removed: dict[int, np.ndarray], mode: str, inits,
+            reference: Reference | None) -> tuple[_Target | None, str | None]:
+    """(what to fit for consumer c, which loses input channels ``rem``, None), or (None, why not)."""
+    dims = analysis.dims
+    why = _why_not(c, mode, inits)
+    if why:
+        return None, why
+    W, b = _effective(c)
+    geo = None
+    taps = 1
+    if c.op == "Conv":
+        geo = _conv_geometry(c.node, c.node.inputs[1].const_value.shape)
+        taps = int(np.prod(geo.kernel))
+    F = W.shape[1]
+    if F != dims.axes[c.x_axis_id].size * taps:
+        return None, f"its weight has {F} input features, its input {dims.axes[c.x_axis_id].size} x {taps}"
+    if mode == "lstsq" and F > MAX_GRAM:
+        return None, f"{F} input features: the Gram matrix would exceed {MAX_GRAM} x {MAX_GRAM}"
+    out_id = dims.find(("value", c.w, _out_axis(c)))
+    rem_out = removed.get(out_id, np.zeros(0, np.int64)) if out_id is not None else np.zeros(0, np.int64)
+    keep_out = np.setdiff1d(np.arange(W.shape[0]), rem_out)
+    ref = None
+    if reference is not None:
+        ref, why = _dense_counterpart(reference, c, W.shape[0], keep_out)
+        if why:
+            return None, why
+        if c.op == "MatMul":  # what earlier steps added after it is part of its current bias
+            orig_out = reference.out_indices(c, W.shape[0])
+            b = reference.outside_bias.get(c.name, np.zeros(int(orig_out.max(initial=-1)) + 1))[orig_out]
+    feat_removed = (np.asarray(rem)[:, None] * taps + np.arange(taps)[None, :]).ravel()
+    feat_kept = np.setdiff1d(np.arange(F), feat_removed)
+    return _Target(c, len(rem), W[keep_out], b[keep_out], np.sort(feat_removed), feat_kept, geo, None, ref), None
+
+
+def _accumulate(t: _Target, acc: _Acc, outs: dict[str, np.ndarray], dense: dict[str, np.ndarray] | None) -> None:
+    """Add one calibration run's features of target t (and, with a reference, the dense
+    model's output it is fitted to) to its statistics ``acc``."""
+    need_y = acc.G is None or acc.C is not None  # bias mode, or a dense target
+    Wk = t.W[:, t.kept] if t.ref is not None else None
+    width = None
+    fds = itertools.repeat(None)
+    if t.ref is not None:
+        dc, _, dgeo = t.ref[:3]
+        width = max(t.W.shape[1], t.ref[1].shape[1] - 1)
+        fds = _features(dc, dense[dc.x], dgeo, width)
+    for f, fd in zip(_features(t.c, outs[t.c.x], t.geo, width), fds):
+        acc.n += f.shape[0]
+        acc.s += f.sum(axis=0)
+        if acc.G is not None:
+            acc.G += f.T @ f
+        if not need_y:
+            continue
+        if acc.C is not None:
+            y = t.dense_output(fd)
+            acc.C[:-1] += f.T @ y
+            acc.C[-1] += y.sum(axis=0)
+            acc.yy += float(np.sum(np.square(y)))
+            continue
+        if t.ref is None:  # our own output: the residual is what the removed features add
+            r = f[:, t.removed] @ t.W[:, t.removed].T
+        else:
+            r = t.dense_output(fd) - f[:, t.kept] @ Wk.T - t.b
+        acc.rs = r.sum(axis=0) + (0.0 if acc.rs is None else acc.rs)
+        acc.rr += float(np.sum(np.square(r)))
 
 
 def _dense_counterpart(reference: Reference, c: Consumer, n_out: int, keep_out: np.ndarray):

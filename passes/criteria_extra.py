@@ -58,21 +58,13 @@ import numpy as np
 from surgery.analysis import Group
 from surgery.errors import SurgeryError
 from surgery.passes.criteria_core import CriterionContext, criterion, l2, per_index
+from surgery.passes.rules import NORM_SCALE  # filled by @norm_scale in passes/rules/norm.py
 from surgery.passes.stats import MAX_GRAM, Stats
 
 FPGM_REFERENCES = 2048
 FLAP_SHIFT = 1000.0
 OBS_DAMP = 0.01
 OBS_ROUNDS = 128  # obs-greedy: at most this many removal rounds per group
-
-# (domain, op) -> input index of the per-channel scale
-NORM_SCALE = {
-    ("", "BatchNormalization"): 1, ("", "InstanceNormalization"): 1, ("", "LayerNormalization"): 1,
-    ("", "GroupNormalization"): 1, ("", "RMSNormalization"): 1,
-    ("com.microsoft", "SimplifiedLayerNormalization"): 1, ("com.microsoft", "SkipLayerNormalization"): 2,
-    ("com.microsoft", "SkipSimplifiedLayerNormalization"): 2,
-}
-
 
 def data_aware(kind: str):
     """Mark a criterion as needing calibration statistics: "moments" or "gram"."""

@@ -51,11 +51,11 @@ import scipy.sparse as sp
 from onnx import helper
 
 from surgery.errors import SurgeryError
+from surgery.passes.rules import CONSUMERS, op_key  # filled by @consumer in the family files
 
 HOLDOUT_EVERY = 5  # every 5th sample is held back (20%)
 MAX_GRAM = 4096  # widest consumer input (channels or features) whose Gram matrix is kept
 MAX_GRAM_BYTES = 2 * 1024**3  # Gram matrices held at once; more take more passes over the data
-CONSUMER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 # ---------------------------------------------------------------------------
@@ -391,41 +391,9 @@ class Consumer:
 
     def dense_weight(self) -> np.ndarray:
         """W as (outputs, X channels, taps): entry [o, c, t] multiplies channel c of X
-        (at kernel tap t) into output o. Grouped convolutions are expanded with zeros;
-        MatMul batch axes of B count as outputs."""
+        (at kernel tap t) into output o (the op's ``@consumer`` in its family file says how)."""
         W = self.node.inputs[1].const_value.numpy().astype(np.float64)
-        op = self.op
-        if op == "Conv":
-            g = int(self._attr("group", 1))
-            O, P = W.shape[0], W.shape[1]
-            Wr = W.reshape(O, P, -1)
-            if g == 1:
-                return Wr
-            out = np.zeros((O, P * g, Wr.shape[2]))
-            og = O // g
-            for i in range(g):
-                out[i * og : (i + 1) * og, i * P : (i + 1) * P] = Wr[i * og : (i + 1) * og]
-            return out
-        if op == "ConvTranspose":
-            g = int(self._attr("group", 1))
-            C, Og = W.shape[0], W.shape[1]
-            Wr = W.reshape(C, Og, -1).transpose(1, 0, 2)  # (Og, C, K)
-            if g == 1:
-                return Wr
-            out = np.zeros((Og * g, C, Wr.shape[2]))
-            cg = C // g
-            for i in range(g):
-                out[i * Og : (i + 1) * Og, i * cg : (i + 1) * cg] = Wr[:, i * cg : (i + 1) * cg]
-            return out
-        if op == "MatMul":
-            if W.ndim == 1:
-                return W[None, :, None]
-            Wk = np.moveaxis(W, -2, 0)
-            return Wk.reshape(Wk.shape[0], -1).T[:, :, None]
-        # Gemm
-        alpha = float(self._attr("alpha", 1.0))
-        Wm = W if int(self._attr("transB", 0)) else W.T
-        return (alpha * Wm)[:, :, None]
+        return CONSUMERS[op_key(self.node)].dense_weight(self.node, W)
 
     @cached_property
     def col_sq(self) -> np.ndarray:
@@ -438,15 +406,17 @@ class Consumer:
 
 
 def find_consumers(analysis) -> list[Consumer]:
-    """Every Conv/ConvTranspose/MatMul/Gemm whose weight (input 1) is an initializer, with
-    the axis of its activation input that the weight contracts."""
+    """Every consumer (an op with a ``@consumer`` role: Conv, ConvTranspose, MatMul, Gemm)
+    whose weight (input 1) is an initializer, with the axis of its activation input that
+    the weight contracts."""
     cache = analysis.__dict__.get("_stats_consumers")
     if cache is not None:
         return cache
     inits = analysis.model.graph.initializers
     out = []
     for node in analysis.model.graph:
-        if node.op_type not in CONSUMER_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        role = CONSUMERS.get(op_key(node))
+        if role is None or len(node.inputs) < 2:
             continue
         x, w = node.inputs[0], node.inputs[1]
         if x is None or w is None or w.name not in inits or w.const_value is None or x.name in inits:
@@ -455,16 +425,7 @@ def find_consumers(analysis) -> list[Consumer]:
         xr = len(x.shape) if x.shape is not None else None
         if xr is None:
             continue
-        op = node.op_type
-        if op in ("Conv", "ConvTranspose"):
-            xa, wa = 1, (1 if op == "Conv" else 0)
-        elif op == "MatMul":
-            xa, wa = xr - 1, (wr - 2 if wr >= 2 else 0)
-        else:
-            ta = node.attributes.get("transA")
-            tb = node.attributes.get("transB")
-            xa = 0 if ta is not None and ta.value else 1
-            wa = 1 if tb is not None and tb.value else 0
+        xa, wa = role.axes(node, xr, wr)
         aid = analysis.dims.find(("value", x.name, xa))
         if aid is None or analysis.dims.axes[aid].offset < 0:
             continue

@@ -238,14 +238,7 @@ def search(
     n = len(order)
 
     # 1. first-order estimate: unit costs summed along the order
-    costs = T.unit_costs(analysis)
-    sorted_atoms = {gid: atoms[np.argsort(sc, kind="stable")] for gid, (atoms, sc) in cand.items()}
-    nth = {gid: 0 for gid in cand}
-    step_cost = np.zeros(n)
-    for i, gid in enumerate(order):
-        step_cost[i] = costs[sorted_atoms[gid][nth[gid]]]
-        nth[gid] += 1
-    est_kept = total - np.concatenate([[0.0], np.cumsum(step_cost)])  # per prefix length 0..n
+    costs, est_kept = _estimated_kept(analysis, T, order, cand)
     m_est = int(np.searchsorted(-est_kept, -goal, side="left"))  # first prefix with est_kept <= goal
     m_est = min(m_est, n)
 
@@ -275,41 +268,67 @@ def search(
         if base != total or abs(checked - exact_kept) > tol or (reachable and checked > wanted * base):
             note = (f"exact count off by {checked - exact_kept:+,} (model {base:,} vs terms {total:,}); "
                     "target re-searched on cut copies")
-            memo_cut: dict[int, int] = {}
-
-            def cut_kept(mm: int) -> int:
-                if mm < 0:
-                    return base + 1
-                if mm not in memo_cut:
-                    memo_cut[mm] = count(cut_copy(analysis, removal(mm)), kind)
-                return memo_cut[mm]
-
-            goal_cut = wanted * base
-            reachable = cut_kept(n) <= goal_cut
-            m = _first_at_most(cut_kept, goal_cut, m, n) if reachable else n
+            reachable, m, checked = _search_cut_copies(analysis, kind, wanted * base, base, m, n, removal)
             removed = removal(m)
-            checked = cut_kept(m)
             total, exact_kept = base, exact(m)
 
     if info is not None:
-        info.update({
-            "kind": kind,
-            "wanted": float(wanted),
-            "reachable": bool(reachable),
-            "units_removed": int(sum(len(a) for a in removed.values())),
-            "units_available": n,
-            "estimated": float(est_kept[m] / total) if total else 1.0,
-            "exact": float(exact_kept / total) if total else 1.0,
-            "checked": float(checked / total) if checked is not None and total else None,
-            "unit_max": float(max((costs[a].max() for a in removed.values() if len(a)), default=0.0) / total)
-            if total else 0.0,
-        })
-        if not reachable:
-            note = "; ".join(filter(None, [note, "not reachable: every unit that may go is gone (each group keeps "
-                                           "one, protected and blocked units stay)"]))
-        if note:
-            info["note"] = note
+        info.update(_search_info(kind, wanted, reachable, removed, n, est_kept[m], exact_kept, checked, total, costs,
+                                 note))
     return removed
+
+
+def _estimated_kept(analysis, T: Terms, order: list[int], cand: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(cost of every atom, the kept count estimated per prefix length 0..n): unit costs
+    summed along the order, each group's units taken lowest score first."""
+    costs = T.unit_costs(analysis)
+    sorted_atoms = {gid: atoms[np.argsort(sc, kind="stable")] for gid, (atoms, sc) in cand.items()}
+    nth = {gid: 0 for gid in cand}
+    step_cost = np.zeros(len(order))
+    for i, gid in enumerate(order):
+        step_cost[i] = costs[sorted_atoms[gid][nth[gid]]]
+        nth[gid] += 1
+    return costs, T.total - np.concatenate([[0.0], np.cumsum(step_cost)])
+
+
+def _search_cut_copies(analysis, kind: str, goal: float, base: int, m: int, n: int,
+                       removal: Callable[[int], dict[int, np.ndarray]]) -> tuple[bool, int, int]:
+    """The search again, counting cut copies (when the terms disagree with the model):
+    (reachable, prefix length, its count)."""
+    memo_cut: dict[int, int] = {}
+
+    def cut_kept(mm: int) -> int:
+        if mm < 0:
+            return base + 1
+        if mm not in memo_cut:
+            memo_cut[mm] = count(cut_copy(analysis, removal(mm)), kind)
+        return memo_cut[mm]
+
+    reachable = cut_kept(n) <= goal
+    m = _first_at_most(cut_kept, goal, m, n) if reachable else n
+    return reachable, m, cut_kept(m)
+
+
+def _search_info(kind, wanted, reachable, removed, n, est_kept_m, exact_kept, checked, total, costs, note) -> dict:
+    """What ``search`` reports in its ``info``."""
+    info = {
+        "kind": kind,
+        "wanted": float(wanted),
+        "reachable": bool(reachable),
+        "units_removed": int(sum(len(a) for a in removed.values())),
+        "units_available": n,
+        "estimated": float(est_kept_m / total) if total else 1.0,
+        "exact": float(exact_kept / total) if total else 1.0,
+        "checked": float(checked / total) if checked is not None and total else None,
+        "unit_max": float(max((costs[a].max() for a in removed.values() if len(a)), default=0.0) / total)
+        if total else 0.0,
+    }
+    if not reachable:
+        note = "; ".join(filter(None, [note, "not reachable: every unit that may go is gone (each group keeps "
+                                       "one, protected and blocked units stay)"]))
+    if note:
+        info["note"] = note
+    return info
 
 
 # --------------------------------------------------------------------------

@@ -20,8 +20,8 @@ def count_params(model: ir.Model) -> int:
 
 
 def count_flops(model: ir.Model) -> int:
-    """2 x multiply-accumulates of the op families with a FLOP formula (Conv,
-    ConvTranspose, MatMul, Gemm: passes/rules), symbolic dims counted as 1."""
+    """The FLOPs of every op family with a formula (``@flops`` in passes/rules: Conv,
+    ConvTranspose, MatMul and Gemm count 2 x multiply-accumulates), symbolic dims counted as 1."""
     total = 0
     for node in model.graph:
         for coef, parts in flop_terms(node):

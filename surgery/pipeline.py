@@ -194,6 +194,41 @@ def load_and_analyze(source, input_shapes) -> tuple[Analysis, dict, float]:
     return analysis, t, t0
 
 
+def _verify_cut(model: ir.Model, original: onnx.ModelProto, plan: Plan, shapes, seed: int, inexact: list[str],
+                t: dict) -> VerifyResult:
+    """The cut model checked by onnx.checker, then against the original masked by the plan."""
+    t1 = time.perf_counter()
+    pruned = ir.to_proto(model)
+    try:
+        onnx.checker.check_model(pruned)
+    except onnx.checker.ValidationError as e:
+        raise SurgeryError(f"internal error: the pruned model fails onnx.checker: {str(e).splitlines()[0]}") from e
+    feeds = random_feeds(model, shapes, seed)
+    result_v = verify(original, pruned, plan.tensor_cuts(), feeds, "; ".join(inexact) or None)
+    t["verify"] = time.perf_counter() - t1
+    return result_v
+
+
+def _compensate(comp, model: ir.Model, original: onnx.ModelProto, calib, output_diffs: bool, t: dict):
+    """Refit the cut model's consumers (prepared before the cut): (the compensation report,
+    the compensated model's max output diff on the calibration data, or None)."""
+    from surgery.passes.compensate import output_diffs as diffs
+
+    comp_diff = None
+    t1 = time.perf_counter()
+    uncompensated = ir.to_proto(model) if output_diffs else None
+    comp_report = comp.apply(model)
+    compensated = ir.to_proto(model)
+    try:
+        onnx.checker.check_model(compensated)
+    except onnx.checker.ValidationError as e:
+        raise SurgeryError(f"internal error: the compensated model fails onnx.checker: {str(e).splitlines()[0]}") from e
+    if output_diffs:
+        comp_report["uncompensated_output_diff"], comp_diff = diffs(original, [uncompensated, compensated], calib)
+    t["compensate"] = t.get("compensate", 0.0) + time.perf_counter() - t1
+    return comp_report, comp_diff
+
+
 def execute(analysis: Analysis, removed: dict[int, np.ndarray], t: dict, t0: float, seed: int,
              input_shapes, verify_result: bool, *, calib=None, compensate: str | None = None,
              reference=None, output_diffs: bool = True) -> Result:
@@ -226,32 +261,11 @@ def execute(analysis: Analysis, removed: dict[int, np.ndarray], t: dict, t0: flo
     inexact = sorted({g.inexact_reason for g in analysis.groups if g.id in removed and g.inexact_reason})
     result_v = VerifyResult(None, None, "not verified (--no-verify)")
     if verify_result:
-        t1 = time.perf_counter()
-        pruned = ir.to_proto(model)
-        try:
-            onnx.checker.check_model(pruned)
-        except onnx.checker.ValidationError as e:
-            raise SurgeryError(f"internal error: the pruned model fails onnx.checker: {str(e).splitlines()[0]}") from e
-        feeds = random_feeds(model, shapes, seed)
-        result_v = verify(original, pruned, plan.tensor_cuts(), feeds, "; ".join(inexact) or None)
-        t["verify"] = time.perf_counter() - t1
-    # --- compensation: after verifying the uncompensated cut (report["verify"] is about the cut alone) ---
+        result_v = _verify_cut(model, original, plan, shapes, seed, inexact, t)
+    # compensation: after verifying the uncompensated cut (report["verify"] is about the cut alone)
     comp_report, comp_diff = None, None
     if comp is not None:
-        from surgery.passes.compensate import output_diffs as diffs
-
-        t1 = time.perf_counter()
-        uncompensated = ir.to_proto(model) if output_diffs else None
-        comp_report = comp.apply(model)
-        compensated = ir.to_proto(model)
-        try:
-            onnx.checker.check_model(compensated)
-        except onnx.checker.ValidationError as e:
-            raise SurgeryError(f"internal error: the compensated model fails onnx.checker: {str(e).splitlines()[0]}") from e
-        if output_diffs:
-            comp_report["uncompensated_output_diff"], comp_diff = diffs(original, [uncompensated, compensated], calib)
-        t["compensate"] = t.get("compensate", 0.0) + time.perf_counter() - t1
-    # --- end compensation ---
+        comp_report, comp_diff = _compensate(comp, model, original, calib, output_diffs, t)
     groups = analysis.groups
     report = {
         "params_before": params_before,

@@ -69,10 +69,14 @@ import time
 import numpy as np
 import onnx_ir as ir
 
+from surgery import pipeline
 from surgery.analysis import Analysis, Group, refuse_nonfinite
 from surgery.errors import SurgeryError
 from surgery.metrics import count_flops, count_params
 from surgery.options import PruneOptions
+from surgery.passes.criteria import get_criterion
+from surgery.passes.policy import select, select_counts
+from surgery.passes.targets import clone, cut_copy
 from surgery.plan import Plan, build_plan
 
 
@@ -92,9 +96,37 @@ class SequentialPlan(Plan):
 def prune_sequential(source, example_inputs=None, **options):
     """``surgery.prune`` one group at a time (see the module docstring); the same keyword
     arguments, with ``surgery.prune``'s defaults."""
-    from surgery import pipeline
-
     o = PruneOptions.from_kwargs("prune_sequential", **options)
+    _check_options(source, example_inputs, o)
+    crit = get_criterion(o.criterion)
+    need, _ = pipeline.calibration_checks(crit, o.criterion, o.calib, o.compensate)
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    original, orig, ratios, user_protected = _load(source, o, timings)
+    cal = None
+    if o.calib is not None:  # read once (a generator too); every step streams the same samples
+        from surgery.passes.stats import as_calibration
+
+        cal = as_calibration(o.calib, original, samples=o.calib_samples, batch=o.calib_batch)
+    counts = _allocate(orig, ratios, user_protected, o, crit, need, cal, timings)
+    order = [g for g in orig.groups if counts.get(g.id, 0) > 0]
+    if not order:  # nothing to do one group at a time: the one-shot prune says so
+        res = pipeline.run_onnx(original, o)
+        res.plan = SequentialPlan(res.plan.groups, compensate=o.compensate)
+        res.report.update(sequential=[], compensate=o.compensate)
+        return res
+
+    run = _Steps(original, orig, o, crit, need, cal, timings)
+    for g in order:
+        run.step(g, counts[g.id])
+    chosen, plan, replay = _composed_plan(run, order)
+    verify_composed, comp_diffs = _final_check(run, chosen, plan, replay)
+    report = _report(run, t0, chosen, plan, verify_composed, comp_diffs)
+    return pipeline.Result(run.work, plan, report, orig)
+
+
+def _check_options(source, example_inputs, o: PruneOptions) -> None:
     if pipeline.is_torch_module(source):
         raise SurgeryError("--sequential is for ONNX models; a PyTorch module is pruned in one shot")
     if example_inputs is not None or o.loss is not None:
@@ -103,15 +135,12 @@ def prune_sequential(source, example_inputs=None, **options):
         raise SurgeryError("--target-params/--target-flops search the global ranking on the dense model; "
                            "--sequential prunes one group at a time: give --ratio (and per-kind ratios), "
                            "with --global to spread them over the layers")
-    from surgery.passes.criteria import get_criterion
-    from surgery.passes.policy import select, select_counts
-    from surgery.passes.targets import clone
 
-    crit = get_criterion(o.criterion)
-    need, _ = pipeline.calibration_checks(crit, o.criterion, o.calib, o.compensate)
 
+def _load(source, o: PruneOptions, timings: dict) -> tuple[ir.Model, Analysis, dict[int, float], dict]:
+    """The original model (loaded once, weights in memory when needed), its analysis, the
+    ratio of every group and the atoms the user protects."""
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
     original = source if isinstance(source, ir.Model) else pipeline.load(source, input_shapes=o.input_shapes)
     if o.verify_result or o.compensate:
         ir.external_data.load_to_model(original)  # verification and compensation run from memory
@@ -120,18 +149,16 @@ def prune_sequential(source, example_inputs=None, **options):
     orig = Analysis(original)  # names every node; the working copy shares the names
     refuse_nonfinite(orig)
     by_kind = pipeline.kind_ratios(orig, 0.5 if o.ratio is None else o.ratio, o.head_ratio, o.mlp_ratio, o.hidden_ratio,
-                               o.head_dim_ratio, o.gqa)
+                                   o.head_dim_ratio, o.gqa)
     ratios = {g.id: by_kind[g.kind] for g in orig.groups}
     user_protected = pipeline.protected_atoms(orig, o.keep)
     timings["analysis"] = time.perf_counter() - t1
+    return original, orig, ratios, user_protected
 
-    cal = None
-    if o.calib is not None:  # read once (a generator too); every step streams the same samples
-        from surgery.passes.stats import as_calibration
 
-        cal = as_calibration(o.calib, original, samples=o.calib_samples, batch=o.calib_batch)
-
-    # -- how many units each group loses: decided once, on the dense model ------------
+def _allocate(orig: Analysis, ratios: dict, user_protected, o: PruneOptions, crit, need, cal,
+              timings: dict) -> dict[int, int]:
+    """How many units each group loses: decided once, on the dense model."""
     t1 = time.perf_counter()
     prunable = [g for g in orig.groups if g.prunable]
     if o.global_rank:  # ranked together per kind, with the criterion's scores on the dense model
@@ -144,41 +171,47 @@ def prune_sequential(source, example_inputs=None, **options):
                                                round_to=o.round_to, protected=user_protected,
                                                comparable=comparable).items()}
     timings["allocate"] = time.perf_counter() - t1
-    order = [g for g in orig.groups if counts.get(g.id, 0) > 0]
-    if not order:  # nothing to do one group at a time: the one-shot prune says so
-        res = pipeline.run_onnx(original, o)
-        res.plan = SequentialPlan(res.plan.groups, compensate=o.compensate)
-        res.report.update(sequential=[], compensate=o.compensate)
-        return res
+    return counts
 
-    work = clone(original)  # shares the weight tensors; every cut and fit replaces them, never writes into them
-    orig_inits = original.graph.initializers
-    present: dict[tuple[str, int], np.ndarray] = {}  # (tensor, axis) -> original indices still there
-    removed_orig: dict[tuple[str, int], set[int]] = {}  # (tensor, axis) -> every index removed, original indices
-    reference = None
-    if o.compensate:  # every consumer is fitted back to the dense model's output (passes/compensate.py)
-        from surgery.passes.compensate import Reference
 
-        reference = Reference(orig, present)
-    done: dict[int, int] = {}  # original group id -> units its step removed
-    steps: list[dict] = []
-    applied, skipped = [], []
-    for g in order:
+class _Steps:
+    """The loop's state: the working model and, in the original's indices, what is gone."""
+
+    def __init__(self, original: ir.Model, orig: Analysis, o: PruneOptions, crit, need, cal, timings: dict) -> None:
+        self.original, self.orig, self.o = original, orig, o
+        self.crit, self.need, self.cal, self.timings = crit, need, cal, timings
+        self.work = clone(original)  # shares the weight tensors; every cut and fit replaces them, never writes into them
+        self.orig_inits = original.graph.initializers
+        self.present: dict[tuple[str, int], np.ndarray] = {}  # (tensor, axis) -> original indices still there
+        self.removed_orig: dict[tuple[str, int], set[int]] = {}  # (tensor, axis) -> every index removed, original indices
+        self.reference = None
+        if o.compensate:  # every consumer is fitted back to the dense model's output (passes/compensate.py)
+            from surgery.passes.compensate import Reference
+
+            self.reference = Reference(orig, self.present)
+        self.done: dict[int, int] = {}  # original group id -> units its step removed
+        self.steps: list[dict] = []
+        self.applied: list[dict] = []
+        self.skipped: list[dict] = []
+
+    def step(self, g: Group, count: int) -> None:
+        """Analyze the current model, score group g on it, cut ``count`` units, compensate."""
+        o, timings = self.o, self.timings
         ts = time.perf_counter()
         t1 = time.perf_counter()
-        cur = Analysis(work)
-        cg = _find(cur, g, orig)
+        cur = Analysis(self.work)
+        cg = _find(cur, g, self.orig)
         timings["analysis"] += time.perf_counter() - t1
         t_step: dict[str, float] = {}
         # this group's scores, from its statistics on the model as pruned so far
-        scores = pipeline.score_groups(cur, [cg], crit, need, cal, o.seed, t_step)
+        scores = pipeline.score_groups(cur, [cg], self.crit, self.need, self.cal, o.seed, t_step)
         t1 = time.perf_counter()
-        removed = select_counts(cur.groups, scores, {cg.id: counts[g.id]}, round_to=o.round_to,
+        removed = select_counts(cur.groups, scores, {cg.id: count}, round_to=o.round_to,
                                 protected=pipeline.protected_atoms(cur, o.keep))
         t_step["plan"] = time.perf_counter() - t1
         res = pipeline.execute(cur, removed, t_step, ts, o.seed, o.input_shapes, o.verify_result,
-                           calib=cal if (need or o.compensate) else None, compensate=o.compensate,
-                           reference=reference, output_diffs=False)
+                               calib=self.cal if (self.need or o.compensate) else None, compensate=o.compensate,
+                               reference=self.reference, output_diffs=False)
         for k, v in t_step.items():
             timings[k] = timings.get(k, 0.0) + v
         pg = res.plan.groups
@@ -187,14 +220,16 @@ def prune_sequential(source, example_inputs=None, **options):
                                f"{', '.join(p.name for p in pg)}")
         n_removed = len(pg[0].removed_units) if pg else 0
         if pg:
-            _compose(pg[0], orig_inits, work, present, removed_orig)
-            done[g.id] = n_removed
-        rep = res.report
+            _compose(pg[0], self.orig_inits, self.work, self.present, self.removed_orig)
+            self.done[g.id] = n_removed
+        self._record(g, cg, n_removed, res.report, ts)
+
+    def _record(self, g: Group, cg: Group, n_removed: int, rep: dict, ts: float) -> None:
         comp = rep.get("compensation")
         if comp is not None:
-            applied += [dict(a, step=len(steps), group=g.name) for a in comp["applied"]]
-            skipped += [dict(s, step=len(steps), group=g.name) for s in comp["skipped"]]
-        steps.append({
+            self.applied += [dict(a, step=len(self.steps), group=g.name) for a in comp["applied"]]
+            self.skipped += [dict(s, step=len(self.steps), group=g.name) for s in comp["skipped"]]
+        self.steps.append({
             "group": g.name,
             **({"name_in_step": cg.name} if cg.name != g.name else {}),
             "kind": g.kind,
@@ -207,10 +242,14 @@ def prune_sequential(source, example_inputs=None, **options):
             "seconds": time.perf_counter() - ts,
         })
 
-    # -- the plan, in the original model's indices ---------------------------------
+
+def _composed_plan(run: _Steps, order: list[Group]) -> tuple[dict[int, np.ndarray], SequentialPlan, ir.Model]:
+    """The plan, in the original model's indices, checked to be whole units of it, and the
+    plan replayed on the original (no compensation), checked to have the final structure."""
+    orig, removed_orig = run.orig, run.removed_orig
     t1 = time.perf_counter()
-    chosen = _units_removed(orig, [g for g in order if g.id in done], removed_orig)
-    for gid, n in done.items():
+    chosen = _units_removed(orig, [g for g in order if g.id in run.done], removed_orig)
+    for gid, n in run.done.items():
         if len(chosen.get(gid, ())) != n:
             name = orig.groups[gid].name
             raise SurgeryError(f"internal error: group '{name}' lost {n} units in its step, but "
@@ -223,62 +262,69 @@ def prune_sequential(source, example_inputs=None, **options):
                    if listed.get(k, set()) != removed_orig.get(k, set()))
         raise SurgeryError(f"internal error: the sequential cuts of '{bad[0]}' axis {bad[1]} are not those of "
                            f"whole units of the original model")
-    plan = SequentialPlan(base.groups, compensate=o.compensate)
-    # the plan replayed on the original (no compensation) has exactly the final structure
-    from surgery.passes.targets import cut_copy
-
+    plan = SequentialPlan(base.groups, compensate=run.o.compensate)
     replay = cut_copy(orig, chosen)
-    _same_structure(replay, work, orig_inits)
-    timings["compose"] = time.perf_counter() - t1
+    _same_structure(replay, run.work, run.orig_inits)
+    run.timings["compose"] = time.perf_counter() - t1
+    return chosen, plan, replay
 
+
+def _final_check(run: _Steps, chosen: dict, plan: SequentialPlan, replay: ir.Model):
+    """(the composed plan verified against the original, without compensation;
+    (uncompensated, compensated) output diffs, with it): either may be None."""
+    o, original = run.o, run.original
     verify_composed = None
     comp_diffs = None
-    if (o.verify_result or o.compensate) and plan.groups:
-        t1 = time.perf_counter()
-        original_proto = ir.to_proto(original)
-        if o.compensate is None and o.verify_result:
-            # the whole sequence against the original, masked by the composed plan
-            from surgery.frontends.onnx_loader import concrete_input_shapes
-            from surgery.verify import random_feeds, verify
+    if not ((o.verify_result or o.compensate) and plan.groups):
+        return verify_composed, comp_diffs
+    t1 = time.perf_counter()
+    original_proto = ir.to_proto(original)
+    if o.compensate is None and o.verify_result:
+        # the whole sequence against the original, masked by the composed plan
+        from surgery.frontends.onnx_loader import concrete_input_shapes
+        from surgery.verify import random_feeds, verify
 
-            inexact = sorted({g.inexact_reason for g in orig.groups if g.id in chosen and g.inexact_reason})
-            feeds = random_feeds(original, concrete_input_shapes(original, o.input_shapes), o.seed)
-            verify_composed = verify(original_proto, ir.to_proto(work), plan.tensor_cuts(), feeds,
-                                     "; ".join(inexact) or None).as_dict()
-        if o.compensate is not None:
-            from surgery.passes.compensate import output_diffs
+        inexact = sorted({g.inexact_reason for g in run.orig.groups if g.id in chosen and g.inexact_reason})
+        feeds = random_feeds(original, concrete_input_shapes(original, o.input_shapes), o.seed)
+        verify_composed = verify(original_proto, ir.to_proto(run.work), plan.tensor_cuts(), feeds,
+                                 "; ".join(inexact) or None).as_dict()
+    if o.compensate is not None:
+        from surgery.passes.compensate import output_diffs
 
-            comp_diffs = output_diffs(original_proto, [ir.to_proto(replay), ir.to_proto(work)], cal)
-        timings["final_check"] = time.perf_counter() - t1
+        comp_diffs = output_diffs(original_proto, [ir.to_proto(replay), ir.to_proto(run.work)], run.cal)
+    run.timings["final_check"] = time.perf_counter() - t1
+    return verify_composed, comp_diffs
 
-    groups = orig.groups
+
+def _report(run: _Steps, t0: float, chosen: dict, plan: SequentialPlan, verify_composed, comp_diffs) -> dict:
+    groups, steps = run.orig.groups, run.steps
     report = {
-        "params_before": count_params(original),
-        "params_after": count_params(work),
-        "flops_before": count_flops(original),
-        "flops_after": count_flops(work),
+        "params_before": count_params(run.original),
+        "params_after": count_params(run.work),
+        "flops_before": count_flops(run.original),
+        "flops_after": count_flops(run.work),
         "groups_total": len(groups),
         "groups_prunable": sum(g.prunable for g in groups),
         "groups_pruned": len(plan.groups),
         "seconds": time.perf_counter() - t0,
         "verify": _aggregate([s["verify"] for s in steps] + ([verify_composed] if verify_composed else []),
                              len(steps)),
-        "timings": timings,
+        "timings": run.timings,
         "inexact_groups": [g.name for g in groups if g.id in chosen and g.inexact_reason],
         "pruned_by_kind": {k: sum(len(chosen[g.id]) for g in groups if g.id in chosen and g.kind == k)
                            for k in sorted({g.kind for g in groups})},
         "sequential": steps,
-        "compensate": o.compensate,
+        "compensate": run.o.compensate,
     }
     if verify_composed is not None:
         report["verify_composed"] = verify_composed
-    if cal is not None:
-        report["calibration"] = cal.summary()
+    if run.cal is not None:
+        report["calibration"] = run.cal.summary()
     if comp_diffs is not None:
-        report["compensation"] = {"mode": o.compensate, "applied": applied, "skipped": skipped,
+        report["compensation"] = {"mode": run.o.compensate, "applied": run.applied, "skipped": run.skipped,
                                   "uncompensated_output_diff": comp_diffs[0]}
         report["compensated_output_diff"] = comp_diffs[1]
-    return pipeline.Result(work, plan, report, orig)
+    return report
 
 
 # ---------------------------------------------------------------------------

@@ -70,9 +70,12 @@ import onnx
 import torch
 import torch.nn as nn
 
+from surgery import pipeline
+from surgery.analysis import Analysis
 from surgery.errors import SurgeryError
 from surgery.plan import Plan
 from surgery.backends.torch_module import (
+    Applied,
     NotRepresentable,
     apply_module_cuts,
     check_module,
@@ -134,16 +137,8 @@ def prune_module(
     ``strict_config``: for a transformers model, require that its updated config rebuilds
     exactly the pruned shapes (``save_pretrained`` / ``from_pretrained`` round-trip);
     see the module doc."""
-    from surgery import pipeline
-    from surgery.analysis import Analysis
-
-    if not isinstance(module, nn.Module):
-        raise SurgeryError(f"prune_module expects a torch.nn.Module, got {type(module).__name__}")
+    _check_args(module, criterion, loss)
     taylor = criterion == "taylor"
-    if loss is not None and not taylor:
-        raise SurgeryError(f"loss= is for criterion='taylor' (gradients); criterion '{criterion}' does not use it")
-    if loss is not None and not callable(loss):
-        raise SurgeryError(f"loss must be a function (outputs, batch) -> scalar tensor, got {type(loss).__name__}")
     batches = _calib_batches(calib, taylor)
     t0 = time.perf_counter()
     timings = {}
@@ -152,18 +147,14 @@ def prune_module(
     t1 = time.perf_counter()
     if prune_kwargs.get("input_shapes") is None:  # verify on the example's shapes (dynamic axes too)
         prune_kwargs["input_shapes"] = {k: tuple(v.shape) for k, v in onnx_feeds(proto, example_inputs).items()}
-    tmap = TorchMap(proto, module)
-    model = pipeline.load(proto, input_shapes=prune_kwargs["input_shapes"])  # as surgery.prune will load it
-    analysis = Analysis(model)
-    blocked, constants = _unrepresentable_groups(analysis, tmap, module, model)
+    m = _Mapped.of(proto, module, prune_kwargs["input_shapes"])
     keep = list(prune_kwargs.pop("keep", ()) or ())
-    protect, over = _protect_names(analysis, blocked)
     timings["map"] = time.perf_counter() - t1
     state = None
     if taylor:
         t1 = time.perf_counter()
         grads = taylor_importance(module, [example_inputs] if batches is None else batches, loss=loss)
-        state = _TaylorState(_initializer_arrays(tmap, model, grads), {})
+        state = _TaylorState(_initializer_arrays(m.tmap, m.model, grads), {})
         timings["taylor"] = time.perf_counter() - t1
     if batches is not None and not taylor:  # data-aware ONNX criteria: the batches as feeds
         prune_kwargs["calib"] = [onnx_feeds(proto, b) for b in batches]
@@ -172,13 +163,106 @@ def prune_module(
     t1 = time.perf_counter()
     token = _TAYLOR.set(state)
     try:
-        res = pipeline.prune_onnx(proto, keep=keep + protect, criterion=criterion, **prune_kwargs)
+        res = pipeline.prune_onnx(proto, keep=keep + m.protect, criterion=criterion, **prune_kwargs)
     finally:
         _TAYLOR.reset(token)
     timings["prune_onnx"] = time.perf_counter() - t1
+    sl = _apply_checked(module, res, m, example_inputs, inplace, timings)
+    target, applied, pruned_proto = sl.target, sl.applied, sl.proto
+    config = _config_report(target, applied, sl.baseline)
+    if strict_config and config.get("from_pretrained") is False:
+        if inplace:
+            applied.undo()
+        raise SurgeryError(
+            f"from_pretrained cannot represent the pruned {type(target).__name__}: {config['why']}. The pruned module "
+            f"itself is exact; pass strict_config=False to keep it anyway (then save it with "
+            f"surgery.torch_api.save: save_pretrained would write a checkpoint from_pretrained cannot load)"
+            f"{config.get('hint', '')}")
+    report = dict(res.report)
+    report["torch"] = _torch_report(sl, m, config, t0, timings, taylor, batches, loss)
+    return TorchResult(target, pruned_proto, report, res.plan, sl.module_cuts, res,
+                       importance=state.scores if state is not None else None)
+
+
+def _torch_report(sl: "_Sliced", m: "_Mapped", config: dict, t0: float, timings: dict, taylor: bool, batches,
+                  loss) -> dict:
+    """``report["torch"]``: the module's side of a prune."""
+    target, applied = sl.target, sl.applied
+    by_id = {g.id: g for g in m.analysis.groups}
+    out = {
+        "params_before": sl.params_before,
+        "params_after": _n_params(target),
+        "max_abs_diff": sl.check["max_abs_diff"],
+        "tolerance": sl.check["tolerance"],
+        "protected_groups": [{"group": by_id[g].name, "why": why} for g, why in sorted(m.blocked.items())],
+        "over_protected": m.over,
+        "unmapped_cuts": sl.unmapped,  # forward-built constants the plan cut (the module must follow by itself)
+        "constants_in_groups": m.constants,  # every such constant a prunable group would cut
+        "changed_attributes": {k: {a: list(v) for a, v in d.items()} for k, d in applied.changed.items()},
+        "config": config,
+        "notes": applied.notes,
+        "seconds": time.perf_counter() - t0,
+        "timings": timings,
+    }
+    if taylor:
+        out["taylor"] = {
+            "batches": len(batches) if batches is not None else 1,
+            "loss": getattr(loss, "__name__", type(loss).__name__) if loss is not None else "0.5 * mean(output ** 2)",
+            "score": "sum over the batches and over every weight entry a unit removes of |w * dL/dw|",
+        }
+    return out
+
+
+def _check_args(module, criterion: str, loss) -> None:
+    if not isinstance(module, nn.Module):
+        raise SurgeryError(f"prune_module expects a torch.nn.Module, got {type(module).__name__}")
+    if loss is not None and criterion != "taylor":
+        raise SurgeryError(f"loss= is for criterion='taylor' (gradients); criterion '{criterion}' does not use it")
+    if loss is not None and not callable(loss):
+        raise SurgeryError(f"loss must be a function (outputs, batch) -> scalar tensor, got {type(loss).__name__}")
+
+
+@dataclasses.dataclass
+class _Mapped:
+    """The exported model as surgery.prune will load it, mapped onto the module: the groups
+    the module cannot represent (protected by name) and the constants built in forward."""
+
+    tmap: TorchMap
+    model: object  # ir.Model
+    analysis: object  # surgery.analysis.Analysis
+    blocked: dict
+    constants: list
+    protect: list
+    over: list
+
+    @classmethod
+    def of(cls, proto, module: nn.Module, input_shapes) -> "_Mapped":
+        tmap = TorchMap(proto, module)
+        model = pipeline.load(proto, input_shapes=input_shapes)  # as surgery.prune will load it
+        analysis = Analysis(model)
+        blocked, constants = _unrepresentable_groups(analysis, tmap, module, model)
+        protect, over = _protect_names(analysis, blocked)
+        return cls(tmap, model, analysis, blocked, constants, protect, over)
+
+
+@dataclasses.dataclass
+class _Sliced:
+    target: nn.Module  # the pruned module (the user's, in place, or a copy)
+    applied: Applied
+    module_cuts: dict
+    unmapped: list
+    check: dict
+    params_before: int
+    baseline: Any  # what the config already missed before pruning (a pretrained model), else None
+    proto: onnx.ModelProto  # the pruned ONNX model the module was checked against
+
+
+def _apply_checked(module: nn.Module, res, m: _Mapped, example_inputs, inplace: bool, timings: dict) -> _Sliced:
+    """Slice the plan into (a copy of) the module and check it against the pruned ONNX
+    model. On a failed check an in-place module is restored."""
     t1 = time.perf_counter()
     cuts = res.plan.tensor_cuts()
-    module_cuts, unmapped = tmap.to_module_cuts(cuts, model)
+    module_cuts, unmapped = m.tmap.to_module_cuts(cuts, m.model)
     params_before = _n_params(module)
     baseline = _rebuild_diff(module) if _is_pretrained(module) else None  # what the config already missed
     target = module if inplace else copy.deepcopy(module)
@@ -197,40 +281,7 @@ def prune_module(
                                f"cannot follow: {names}") from e
         raise
     timings["check"] = time.perf_counter() - t1
-    config = _config_report(target, applied, baseline)
-    if strict_config and config.get("from_pretrained") is False:
-        if inplace:
-            applied.undo()
-        raise SurgeryError(
-            f"from_pretrained cannot represent the pruned {type(target).__name__}: {config['why']}. The pruned module "
-            f"itself is exact; pass strict_config=False to keep it anyway (then save it with "
-            f"surgery.torch_api.save: save_pretrained would write a checkpoint from_pretrained cannot load)"
-            f"{config.get('hint', '')}")
-    report = dict(res.report)
-    by_id = {g.id: g for g in analysis.groups}
-    report["torch"] = {
-        "params_before": params_before,
-        "params_after": _n_params(target),
-        "max_abs_diff": check["max_abs_diff"],
-        "tolerance": check["tolerance"],
-        "protected_groups": [{"group": by_id[g].name, "why": why} for g, why in sorted(blocked.items())],
-        "over_protected": over,
-        "unmapped_cuts": unmapped,  # forward-built constants the plan cut (the module must follow by itself)
-        "constants_in_groups": constants,  # every such constant a prunable group would cut
-        "changed_attributes": {k: {a: list(v) for a, v in d.items()} for k, d in applied.changed.items()},
-        "config": config,
-        "notes": applied.notes,
-        "seconds": time.perf_counter() - t0,
-        "timings": timings,
-    }
-    if taylor:
-        report["torch"]["taylor"] = {
-            "batches": len(batches) if batches is not None else 1,
-            "loss": getattr(loss, "__name__", type(loss).__name__) if loss is not None else "0.5 * mean(output ** 2)",
-            "score": "sum over the batches and over every weight entry a unit removes of |w * dL/dw|",
-        }
-    return TorchResult(target, pruned_proto, report, res.plan, module_cuts, res,
-                       importance=state.scores if state is not None else None)
+    return _Sliced(target, applied, module_cuts, unmapped, check, params_before, baseline, pruned_proto)
 
 
 # --------------------------------------------------------------------------- #
@@ -563,8 +614,6 @@ def _dry_run(module: nn.Module, mcuts: dict) -> None:
 
 def _keep_takes_group_names(analysis) -> bool:
     """Whether surgery.prune's keep= accepts a group name (protecting just that group)."""
-    from surgery import pipeline
-
     g = next((g for g in analysis.groups if g.prunable), None)
     if g is None or g.name in analysis.value_axes:
         return False

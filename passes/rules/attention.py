@@ -3,7 +3,10 @@ decomposed MatMul-Softmax-MatMul form. Contrib attention ops have no rule: they 
 
 from __future__ import annotations
 
-from .base import RuleContext, Unsupported, rule
+import onnx_ir as ir
+
+from .base import RuleContext, Unsupported, rewrite, rule
+from .cut_context import CutContext
 
 
 def _heads(ctx: RuleContext, q_heads: int, kv_heads: int):
@@ -75,3 +78,21 @@ def attention(ctx: RuleContext) -> None:
     for extra in [*ctx.node.inputs[4:], *ctx.node.outputs[1:]]:
         if extra is not None and extra.shape is not None:
             raise Unsupported("Attention with a key/value cache or extra outputs is not analyzed yet")
+
+
+@rewrite("Attention")
+def _attention(ctx: CutContext, node: ir.Node) -> None:
+    """Head counts in attributes, and the default scale 1/sqrt(head_dim) made explicit
+    when head_dim shrinks (the cut must not change it)."""
+    if "scale" not in node.attributes:  # read head_dim before the head counts change
+        q = node.inputs[0]
+        d = q.shape[-1] if len(q.shape) == 4 else q.shape[-1] // node.attributes["q_num_heads"].value
+        if isinstance(d, int):
+            node.attributes["scale"] = ir.AttrFloat32("scale", float(d) ** -0.5)
+    for attr, tag in (("q_num_heads", "q_heads"), ("kv_num_heads", "kv_heads")):
+        if attr in node.attributes:
+            n = ctx.kept_size(("virtual", node.name, tag))
+            if n is None and tag == "kv_heads":
+                n = ctx.kept_size(("virtual", node.name, "q_heads"))
+            if n is not None:
+                node.attributes[attr] = ir.AttrInt64(attr, n)

@@ -8,6 +8,7 @@ the caller, so a forgotten axis can never be cut silently.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -22,10 +23,19 @@ class Unsupported(Exception):
     """The rule cannot handle this node; every axis it touches is blocked with this reason."""
 
 
+def register(table: dict, what: str, domain: str, op_types: tuple[str, ...], value) -> None:
+    """Enter ``value`` for every op in a registry; one family owns an op, so a second entry
+    for the same (domain, op) is an error, not a silent override by import order."""
+    for op in op_types:
+        key = (domain, op)
+        if key in table and table[key] is not value:
+            raise ValueError(f"two {what} registered for {domain + '.' if domain else ''}{op}")
+        table[key] = value
+
+
 def rule(*op_types: str, domain: str = ""):
     def deco(fn):
-        for op in op_types:
-            RULES[(domain, op)] = fn
+        register(RULES, "channel rules", domain, op_types, fn)
         return fn
 
     return deco
@@ -306,8 +316,7 @@ def flops(*op_types: str, domain: str = ""):
     can never disagree. A formula returns [] when a shape it needs is unknown."""
 
     def deco(fn):
-        for op in op_types:
-            FLOPS[(domain, op)] = fn
+        register(FLOPS, "FLOP formulas", domain, op_types, fn)
         return fn
 
     return deco
@@ -324,3 +333,70 @@ def all_axes(v: ir.Value) -> list[int]:
 
 def shapes_known(*values: ir.Value | None) -> bool:
     return all(v is not None and v.shape is not None for v in values)
+
+
+# -- rewrites: how an op's attributes and constant inputs change after a cut --
+
+REWRITES: dict[tuple[str, str], Callable] = {}
+
+
+def rewrite(*op_types: str, domain: str = ""):
+    """Register an op family's rewrite: ``(ctx: rules.cut_context.CutContext, node) -> None``,
+    called by passes.cut before the weights are sliced, while the node still has its old
+    shapes. It fixes what spells out a size (a group count, a reshape target, split sizes,
+    slice bounds) so the node fits the kept channels."""
+
+    def deco(fn):
+        register(REWRITES, "rewrites", domain, op_types, fn)
+        return fn
+
+    return deco
+
+
+def op_key(node: ir.Node) -> tuple[str, str]:
+    """A node's registry key: (domain, op_type), the default domain spelled ""."""
+    return (node.domain if node.domain != "ai.onnx" else "", node.op_type)
+
+
+# -- roles other passes read: consumers (criteria, compensation) and normalization scales --
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerRole:
+    """An op that reads an activation X (input 0) through a weight W (input 1): the data-aware
+    criteria score X's channels through it and compensation refits it.
+
+    ``axes(node, x_rank, w_rank) -> (x_axis, w_axis)``: the axes of X and W it contracts
+    (non-negative). ``dense_weight(node, W) -> (outputs, X channels, taps)``: entry
+    [o, c, t] multiplies channel c of X (at tap t) into output o."""
+
+    axes: Callable[[ir.Node, int, int], tuple[int, int]]
+    dense_weight: Callable[[ir.Node, np.ndarray], np.ndarray]
+
+
+CONSUMERS: dict[tuple[str, str], ConsumerRole] = {}
+
+
+def consumer(*op_types: str, axes: Callable[[ir.Node, int, int], tuple[int, int]], domain: str = ""):
+    """Register ops as consumers; decorates their ``dense_weight`` (see ConsumerRole)."""
+
+    def deco(fn):
+        register(CONSUMERS, "consumer roles", domain, op_types, ConsumerRole(axes, fn))
+        return fn
+
+    return deco
+
+
+NORM_SCALE: dict[tuple[str, str], int] = {}  # (domain, op) -> input index of the per-channel scale
+
+
+def norm_scale(*op_types: str, input: int, domain: str = ""):
+    """Declare which input of a normalization is its per-channel scale (read by the
+    ``bn-scale`` criterion). A decorator that returns what it decorates (the op's rule)."""
+    register(NORM_SCALE, "normalization scales", domain, op_types, input)
+    return lambda fn: fn
+
+
+def node_attr(node: ir.Node, name: str, default=None):
+    a = node.attributes.get(name)
+    return default if a is None else a.value

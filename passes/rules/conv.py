@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
 from surgery.dims import NOT_CHANNEL
 
-from .base import RuleContext, Unsupported, all_axes, flops, rule, shapes_known
+from .base import (RuleContext, Unsupported, all_axes, const_array, consumer, flops, node_attr, rewrite, rule,
+                   shapes_known)
+from .cut_context import CutContext
 
 SPATIAL = "spatial axis (" + NOT_CHANNEL + ")"
 
@@ -67,13 +70,9 @@ def conv_transpose(ctx: RuleContext) -> None:
     _spatial_block(ctx, x, w, y)
 
 
-@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool", "LRN")
+@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxRoiPool")
 def pool(ctx: RuleContext) -> None:
     x = ctx.input(0)
-    if ctx.op == "LRN":  # normalizes across neighbouring channels
-        ctx.tie_same(x, ctx.output(0))
-        ctx.block(x, 1, "normalized across channels")
-        return
     for out in ctx.node.outputs:
         if out is None or out.shape is None:
             continue
@@ -164,3 +163,56 @@ def conv_flops(node) -> list:
     w = node.inputs[1]
     big = node.outputs[0] if node.op_type == "Conv" else node.inputs[0]
     return [(2, [(big, all_axes(big)), (w, list(range(1, len(w.shape))))])]
+
+
+@rewrite("Conv", "ConvTranspose")
+def _conv(ctx: CutContext, node: ir.Node) -> None:
+    g = ctx.kept_size(("virtual", node.name, "groups"))
+    if g is not None and node.attributes.get("group") is not None:
+        node.attributes["group"] = ir.AttrInt64("group", g)
+
+
+@rewrite("Resize")
+def _resize(ctx: CutContext, node: ir.Node) -> None:
+    if len(node.inputs) < 4 or node.inputs[3] is None:
+        return
+    rem = ctx.value_removed(node.outputs[0], 1)
+    sizes = const_array(node.inputs[3])
+    if rem is None or sizes is None:
+        return
+    sizes = sizes.copy()
+    sizes[1] -= len(rem)
+    ctx.set_const_input(node, 3, sizes)
+
+
+# -- consumer role: what the data-aware criteria and compensation read through a kernel --
+
+
+@consumer("Conv", axes=lambda node, xr, wr: (1, 1))
+def conv_dense_weight(node: ir.Node, W: np.ndarray) -> np.ndarray:
+    """(O, Cin, taps); a grouped kernel is expanded with zeros to all Cin channels."""
+    g = int(node_attr(node, "group", 1))
+    O, P = W.shape[0], W.shape[1]
+    Wr = W.reshape(O, P, -1)
+    if g == 1:
+        return Wr
+    out = np.zeros((O, P * g, Wr.shape[2]))
+    og = O // g
+    for i in range(g):
+        out[i * og : (i + 1) * og, i * P : (i + 1) * P] = Wr[i * og : (i + 1) * og]
+    return out
+
+
+@consumer("ConvTranspose", axes=lambda node, xr, wr: (1, 0))
+def conv_transpose_dense_weight(node: ir.Node, W: np.ndarray) -> np.ndarray:
+    """(Cout, Cin, taps) from the (Cin, Cout/g, ...) kernel; groups expanded with zeros."""
+    g = int(node_attr(node, "group", 1))
+    C, Og = W.shape[0], W.shape[1]
+    Wr = W.reshape(C, Og, -1).transpose(1, 0, 2)  # (Og, C, K)
+    if g == 1:
+        return Wr
+    out = np.zeros((Og * g, C, Wr.shape[2]))
+    cg = C // g
+    for i in range(g):
+        out[i * Og : (i + 1) * Og, i * cg : (i + 1) * cg] = Wr[:, i * cg : (i + 1) * cg]
+    return out

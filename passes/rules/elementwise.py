@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from .base import RuleContext, rule
+import onnx_ir as ir
+
+from .base import RuleContext, rewrite, rule
+from .cut_context import CutContext
+from .shape import _runtime_shape_guard, rewrite_shape_input
 
 UNARY = (
     "Relu LeakyRelu Sigmoid HardSigmoid HardSwish Tanh Elu Selu Celu Gelu Softplus Softsign "
@@ -58,6 +62,9 @@ def expand(ctx: RuleContext) -> None:
     # broadcast of the input to the target; the shape input is rewritten by the cut
     ctx.broadcast([ctx.input(0)], ctx.output(0))
     ctx.param(ctx.input(1))
-    from .shape import _runtime_shape_guard
-
     _runtime_shape_guard(ctx, ctx.output(0), ctx.input(1), right_aligned=True)
+
+
+@rewrite("Expand")
+def _expand(ctx: CutContext, node: ir.Node) -> None:
+    rewrite_shape_input(ctx, node, 1, right_aligned=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx_ir as ir
+
 from surgery.dims import NOT_CHANNEL
 
-from .base import RuleContext, Unsupported, all_axes, flops, rule, shapes_known
+from .base import RuleContext, Unsupported, all_axes, consumer, flops, node_attr, rule, shapes_known
 
 
 @rule("MatMul")
@@ -74,3 +77,27 @@ def matmul_flops(node) -> list:
     if node.op_type == "Gemm" and node.attributes.get("transA") is not None and node.attributes["transA"].value:
         k = 0
     return [(2, [(y, all_axes(y)), (a, [k])])]
+
+
+# -- consumer role: what the data-aware criteria and compensation read through a matrix --
+
+
+@consumer("MatMul", axes=lambda node, xr, wr: (xr - 1, wr - 2 if wr >= 2 else 0))
+def matmul_dense_weight(node: ir.Node, W: np.ndarray) -> np.ndarray:
+    """(outputs, K, 1); the batch axes of B count as outputs."""
+    if W.ndim == 1:
+        return W[None, :, None]
+    Wk = np.moveaxis(W, -2, 0)
+    return Wk.reshape(Wk.shape[0], -1).T[:, :, None]
+
+
+def _gemm_axes(node: ir.Node, xr: int, wr: int) -> tuple[int, int]:
+    return (0 if node_attr(node, "transA") else 1), (1 if node_attr(node, "transB") else 0)
+
+
+@consumer("Gemm", axes=_gemm_axes)
+def gemm_dense_weight(node: ir.Node, W: np.ndarray) -> np.ndarray:
+    """alpha x B as (N, K, 1)."""
+    alpha = float(node_attr(node, "alpha", 1.0))
+    Wm = W if int(node_attr(node, "transB", 0)) else W.T
+    return (alpha * Wm)[:, :, None]

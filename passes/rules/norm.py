@@ -4,10 +4,14 @@ but marked inexact."""
 
 from __future__ import annotations
 
-from .base import RuleContext, Unsupported, rule
+import onnx_ir as ir
+
+from .base import RuleContext, Unsupported, norm_scale, rewrite, rule
+from .cut_context import CutContext
 from .conv import _grouped
 
 
+@norm_scale("BatchNormalization", "InstanceNormalization", input=1)
 @rule("BatchNormalization", "InstanceNormalization")
 def per_channel(ctx: RuleContext) -> None:
     x = ctx.input(0)
@@ -27,6 +31,7 @@ def per_channel(ctx: RuleContext) -> None:
             ctx.inexact(ctx.ax(x, k), "statistics over the cut axis")
 
 
+@norm_scale("GroupNormalization", input=1)
 @rule("GroupNormalization")
 def group_norm(ctx: RuleContext) -> None:
     x, scale, bias, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
@@ -67,18 +72,29 @@ def _last_axes_norm(ctx: RuleContext, axis: int, n_params: int) -> None:
             ctx.tie(p, k, x, r - rp + k) if ctx.size(p, k) != 1 else ctx.ax(p, k)
 
 
+@norm_scale("LayerNormalization", input=1)
 @rule("LayerNormalization")
 def layer_norm(ctx: RuleContext) -> None:
     _last_axes_norm(ctx, int(ctx.attr("axis", -1)), 2)
 
 
+@norm_scale("RMSNormalization", input=1)
 @rule("RMSNormalization")
 def rms_norm(ctx: RuleContext) -> None:
     _last_axes_norm(ctx, int(ctx.attr("axis", -1)), 1)
 
 
+@norm_scale("SimplifiedLayerNormalization", input=1, domain="com.microsoft")
+@norm_scale("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", input=2, domain="com.microsoft")
 @rule("SimplifiedLayerNormalization", "LayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain="com.microsoft")
 def ms_layer_norm(ctx: RuleContext) -> None:
     if ctx.op.startswith("Skip"):
         raise Unsupported("fused skip-normalization is not analyzed yet")
     _last_axes_norm(ctx, int(ctx.attr("axis", -1)), 2)
+
+
+@rewrite("GroupNormalization")
+def _group_norm(ctx: CutContext, node: ir.Node) -> None:
+    g = ctx.kept_size(("virtual", node.name, "groups"))
+    if g is not None:
+        node.attributes["num_groups"] = ir.AttrInt64("num_groups", g)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
-from .base import RuleContext, Unsupported, const_array, dim_keys, rule, shape_sources
+from .base import RuleContext, Unsupported, const_array, dim_keys, rewrite, rule, shape_sources, value_shape, where_guarded
+from .cut_context import CutContext
 
 
 def _same(a, b) -> bool:
@@ -268,3 +270,160 @@ def tile(ctx: RuleContext) -> None:
         else:
             ctx.block(x, k, "tiled")
             ctx.block(y, k, "tiled")
+
+
+# -- rewrites: shape targets, split sizes, slice bounds and gather indices after a cut --
+
+
+def _new_target(ctx: CutContext, out: ir.Value, old: list[int | None], right_aligned: bool) -> list[int | None] | None:
+    """A shape tensor's entries after the cut (None: computed at run time, left alone)."""
+    r = len(out.shape)
+    new = list(old)
+    changed = False
+    for pos, entry in enumerate(old):
+        k = pos + (r - len(old) if right_aligned else 0)
+        rem = ctx.value_removed(out, k)
+        if entry is None or rem is None or not len(rem):
+            continue
+        if entry in (-1, 0) or (right_aligned and entry == 1):
+            continue  # inferred, copied or broadcast: follows the cut by itself
+        new[pos] = entry - len(rem)
+        changed = True
+    return new if changed else None
+
+
+def rewrite_shape_input(ctx: CutContext, node: ir.Node, i: int, right_aligned: bool) -> None:
+    """Rewrite the shape tensor in input i of a Reshape (left-aligned) or Expand
+    (right-aligned): a constant, or the literal pieces of a Concat that builds it."""
+    shape_v = node.inputs[i]
+    out = node.outputs[0]
+    c = const_array(shape_v)
+    if c is not None:
+        new = _new_target(ctx, out, [int(x) for x in c.tolist()], right_aligned)
+        if new is not None:
+            ctx.set_const_input(node, i, np.asarray(new, dtype=np.int64))
+        return
+    prod = shape_v.producer() if shape_v is not None else None
+    inner = where_guarded(prod) if prod is not None else None
+    if inner is not None:  # Where(Equal(s, -1), ones, s): rewrite s, drop the guard
+        prod = inner.producer()
+    while prod is not None and (prod.op_type in ("Identity", "Cast") or (
+            prod.op_type == "Reshape" and len(prod.outputs[0].shape or ()) == 1)):
+        prod = prod.inputs[0].producer()  # a 1-D view of the same entries
+    if prod is None or prod.op_type != "Concat":
+        return
+    # literal pieces of a Concat-built shape (the analysis blocked the run-time ones)
+    full: list[int | None] = []
+    pieces: list[tuple[int, int, np.ndarray | None]] = []  # (input index, start, literal)
+    for j, piece in enumerate(prod.inputs):
+        pc = const_array(piece)
+        n = value_shape(piece)[0]
+        pieces.append((j, len(full), pc))
+        full.extend([int(x) for x in np.atleast_1d(pc).tolist()] if pc is not None else [None] * n)
+    new = _new_target(ctx, out, full, right_aligned)
+    if new is None:
+        return
+    edits = [(j, np.asarray(new[st : st + pc.size], dtype=pc.dtype).reshape(pc.shape))
+             for j, st, pc in pieces if pc is not None and new[st : st + pc.size] != full[st : st + pc.size]]
+    if not edits:
+        return
+    if inner is not None and -1 in [e for e in new if e is not None]:
+        return  # the guard still matters; the analysis blocked what this would need
+    # the Concat may feed other reshapes (Q, K and V share one): edit a private copy
+    mine = ir.Node(prod.domain, "Concat", inputs=list(prod.inputs), attributes=list(prod.attributes.values()),
+                   name=f"{prod.name}_for_{node.name}", num_outputs=1)
+    mine.outputs[0].name = f"{shape_v.name}_for_{node.name}"
+    mine.outputs[0].shape = shape_v.shape
+    mine.outputs[0].type = shape_v.type
+    ctx.a.model.graph.insert_before(node, mine)
+    node.replace_input_with(i, mine.outputs[0])
+    for j, arr in edits:
+        ctx.set_const_input(mine, j, arr)
+
+
+@rewrite("Reshape")
+def _reshape(ctx: CutContext, node: ir.Node) -> None:
+    rewrite_shape_input(ctx, node, 1, right_aligned=False)
+
+
+@rewrite("Split")
+def _split(ctx: CutContext, node: ir.Node) -> None:
+    x = node.inputs[0]
+    r = len(x.shape)
+    axis = node.attributes["axis"].value % r if "axis" in node.attributes else 0
+    if ctx.value_removed(x, axis) is None:
+        return
+    sizes = []
+    for o in node.outputs:
+        rem = ctx.value_removed(o, axis)
+        sizes.append(o.shape[axis] - (0 if rem is None else len(rem)))
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if ctx.opset >= 13:
+        if "num_outputs" in node.attributes:
+            del node.attributes["num_outputs"]
+        if len(node.inputs) >= 2 and node.inputs[1] is not None:
+            ctx.set_const_input(node, 1, sizes)
+        else:
+            name = f"{node.name}_split_cut"
+            v = ir.Value(name=name, shape=ir.Shape([len(sizes)]), type=ir.TensorType(ir.DataType.INT64))
+            v.const_value = ir.tensor(sizes, name=name)
+            ctx.a.model.graph.register_initializer(v)
+            if len(node.inputs) < 2:
+                node.resize_inputs(2)
+            node.replace_input_with(1, v)
+    else:
+        node.attributes["split"] = ir.AttrInt64s("split", sizes.tolist())
+
+
+@rewrite("Slice")
+def _slice(ctx: CutContext, node: ir.Node) -> None:
+    x = node.inputs[0]
+    r = len(x.shape)
+
+    try:
+        params = slice_params(node, ctx.opset, r)
+    except Unsupported:
+        return  # run-time bounds: the analysis blocked every axis they touch
+    starts, ends = [], []
+    changed = False
+    for axis, s, e, st in params:
+        n = x.shape[axis]
+        rem = ctx.value_removed(x, axis)
+        if rem is None or not isinstance(n, int):
+            starts.append(s)
+            ends.append(e)
+            continue
+        sel = np.arange(n)[slice(int(s), int(e), int(st))]
+        keep = np.setdiff1d(sel, rem)
+        kept_before = np.setdiff1d(np.arange(n), rem)
+        new_s = int(np.searchsorted(kept_before, keep[0])) if len(keep) else 0
+        starts.append(new_s)
+        ends.append(new_s + len(keep))
+        changed = True
+    if not changed:
+        return
+    if ctx.opset >= 10:
+        ctx.set_const_input(node, 1, np.asarray(starts, dtype=np.int64))
+        ctx.set_const_input(node, 2, np.asarray(ends, dtype=np.int64))
+    else:
+        node.attributes["starts"] = ir.AttrInt64s("starts", starts)
+        node.attributes["ends"] = ir.AttrInt64s("ends", ends)
+
+
+@rewrite("Gather")
+def _gather(ctx: CutContext, node: ir.Node) -> None:
+    data, ind = node.inputs[0], node.inputs[1]
+    r = len(data.shape)
+    axis = node.attributes["axis"].value % r if "axis" in node.attributes else 0
+    rem = ctx.value_removed(data, axis)
+    c = const_array(ind)
+    if rem is None or c is None or c.ndim != 1:
+        return
+    n = data.shape[axis]
+    c = c % n
+    new_pos = np.cumsum(~np.isin(np.arange(n), rem)) - 1
+    out_rem = ctx.value_removed(node.outputs[0], axis)
+    keep = np.ones(len(c), bool)
+    if out_rem is not None:
+        keep[out_rem] = False
+    ctx.set_const_input(node, 1, new_pos[c[keep]].astype(c.dtype))
