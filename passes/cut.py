@@ -47,10 +47,10 @@ def apply_cut(analysis: Analysis, removed: dict[int, np.ndarray]) -> None:
             arr = np.delete(arr, idx, axis=k)
         v.const_value = ir.tensor(np.ascontiguousarray(arr), name=name)
     # 3. shapes recorded on values
+    values = _values_by_name(model)
     for name, cuts in by_value.items():
-        for v in _values_named(model, name):
-            if v.shape is None:
-                continue
+        v = values.get(name)
+        if v is not None and v.shape is not None:
             dims_ = list(v.shape)
             for k, idx in cuts:
                 if isinstance(dims_[k], int):
@@ -60,21 +60,11 @@ def apply_cut(analysis: Analysis, removed: dict[int, np.ndarray]) -> None:
             v.shape = ir.Shape(dims_)
 
 
-def _values_named(model: ir.Model, name: str):
+def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
+    """The main graph's values by name (an initializer before a graph input before a node
+    output of that name), built once per cut: after the rewrites, which may add nodes."""
     g = model.graph
-    if name in g.initializers:
-        yield g.initializers[name]
-        return
-    for v in g.inputs:
-        if v.name == name:
-            yield v
-            return
-    cache = getattr(model, "_surgery_values", None)
-    if cache is None:
-        cache = {}
-        for node in g:
-            for o in node.outputs:
-                cache[o.name] = o
-        model._surgery_values = cache
-    if name in cache:
-        yield cache[name]
+    out = {o.name: o for node in g for o in node.outputs}
+    out.update({v.name: v for v in g.inputs})
+    out.update(g.initializers)
+    return out
