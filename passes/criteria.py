@@ -8,7 +8,9 @@ CRITERIA here is the registry itself (criteria_core.CRITERIA): patch it there.
 from surgery.passes import criteria_extra  # noqa: F401  (registers bn-scale, fpgm, lamp, data-aware ones)
 from surgery.passes.criteria_core import (  # noqa: F401
     CRITERIA,
+    Criterion,
     CriterionContext,
+    as_criterion,
     criterion,
     get_criterion,
     l1,

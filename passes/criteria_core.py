@@ -1,4 +1,4 @@
-"""Importance criteria: a registry of functions that give one score per unit of a group.
+"""Importance criteria: a registry of Criterion objects that give one score per unit of a group.
 
 A criterion sees the group (every weight slice it cuts, with the unit -> indices map)
 and a context (seeded rng, calibration statistics when there are any). Low scores
@@ -15,7 +15,30 @@ import numpy as np
 from surgery.analysis import Group
 from surgery.errors import SurgeryError
 
-CRITERIA: dict[str, Callable[[Group, "CriterionContext"], np.ndarray]] = {}
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """An importance criterion as data: its name, the calibration statistics it wants
+    (None: data-free; "moments" or "gram": data-aware) and its score function
+    ``score(group, ctx) -> one float per unit``. Calling it scores."""
+
+    name: str
+    score: Callable[[Group, "CriterionContext"], np.ndarray]
+    wants: str | None = None
+
+    @property
+    def stats(self) -> str | None:
+        return self.wants or getattr(self.score, "needs_stats", None)
+
+    @property
+    def needs_data(self) -> bool:
+        return self.stats is not None
+
+    def __call__(self, group: Group, ctx: "CriterionContext") -> np.ndarray:
+        return self.score(group, ctx)
+
+
+#: name -> Criterion (plain functions put here by plugins or tests are wrapped on lookup)
+CRITERIA: dict[str, Criterion] = {}
 
 
 @dataclasses.dataclass
@@ -25,22 +48,35 @@ class CriterionContext:
     analysis: Any = None  # the model's Analysis
 
 
-def criterion(name: str):
-    """Register ``fn(group, ctx) -> scores`` (one float per unit) under ``name``."""
+def criterion(name: str, *, stats: str | None = None):
+    """Register ``fn(group, ctx) -> scores`` (one float per unit) under ``name``; ``stats``
+    (or a ``needs_stats`` attribute on ``fn``) names the calibration statistics it needs.
+    Returns ``fn`` itself, so the function stays callable as written."""
 
     def deco(fn):
-        CRITERIA[name] = fn
+        CRITERIA[name] = Criterion(name, fn, stats)
         return fn
 
     return deco
 
 
-def get_criterion(name: str):
+def as_criterion(obj, name: str | None = None) -> Criterion:
+    """A Criterion for a registry entry, a plain score function or a Criterion."""
+    if isinstance(obj, Criterion):
+        return obj
+    return Criterion(name or getattr(obj, "__name__", "criterion"), obj)
+
+
+def get_criterion(name) -> Criterion:
+    """The criterion registered as ``name`` (entry points loaded on demand), or ``name``
+    itself when it already is a Criterion (a bound one, such as the PyTorch path's taylor)."""
+    if isinstance(name, Criterion):
+        return name
     if name not in CRITERIA:
         known = _load_entry_points(name)
         if name not in CRITERIA:
             raise SurgeryError(f"unknown criterion '{name}' (known: {', '.join(sorted(set(CRITERIA) | known))})")
-    return CRITERIA[name]
+    return as_criterion(CRITERIA[name], name)
 
 
 def _load_entry_points(name: str | None = None) -> set[str]:
@@ -53,7 +89,7 @@ def _load_entry_points(name: str | None = None) -> set[str]:
         names.add(ep.name)
         if ep.name not in CRITERIA and (name is None or ep.name == name):
             try:
-                CRITERIA[ep.name] = ep.load()
+                CRITERIA[ep.name] = as_criterion(ep.load(), ep.name)
             except Exception as e:  # noqa: BLE001 - a broken plugin is the user's one-line error
                 raise SurgeryError(f"criterion plugin '{ep.name}' ({ep.value}) failed to load: {e}") from e
     return names
@@ -61,7 +97,7 @@ def _load_entry_points(name: str | None = None) -> set[str]:
 
 def needs_stats(fn) -> str | None:
     """What calibration statistics a criterion needs: None (data-free), "moments" or "gram"."""
-    return getattr(fn, "needs_stats", None)
+    return fn.stats if isinstance(fn, Criterion) else getattr(fn, "needs_stats", None)
 
 
 def per_index(group: Group, key: str, elementwise: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -84,9 +120,15 @@ def l1(group: Group, ctx: CriterionContext) -> np.ndarray:
 
 @criterion("taylor")
 def taylor(group: Group, ctx: CriterionContext) -> np.ndarray:
-    """Placeholder: surgery.torch_api registers the real one, which needs gradients."""
-    raise SurgeryError("taylor needs a PyTorch module and a loss: surgery.prune(module, example_inputs, "
-                       "criterion='taylor', loss=...)")
+    """By name only a refusal: the PyTorch path passes a taylor Criterion bound to the
+    module's gradients (surgery/torch_api.py)."""
+    raise SurgeryError(TAYLOR_WHY)
+
+
+TAYLOR_WHY = ("taylor needs a PyTorch module and a loss: first-order Taylor importance |w * dL/dw| needs "
+              "gradients, which an ONNX model does not give; use surgery.prune(module, example_inputs, "
+              "criterion='taylor') (optionally calib=batches, loss=fn) on the nn.Module, or a criterion for ONNX "
+              "models (l2, l1, or a data-aware one with calibration data: activation, wanda, ...)")
 
 
 @criterion("random")

@@ -409,7 +409,7 @@ def find_consumers(analysis) -> list[Consumer]:
     """Every consumer (an op with a ``@consumer`` role: Conv, ConvTranspose, MatMul, Gemm)
     whose weight (input 1) is an initializer, with the axis of its activation input that
     the weight contracts."""
-    cache = analysis.__dict__.get("_stats_consumers")
+    cache = analysis.derived.get("consumers")
     if cache is not None:
         return cache
     inits = analysis.model.graph.initializers
@@ -430,7 +430,7 @@ def find_consumers(analysis) -> list[Consumer]:
         if aid is None or analysis.dims.axes[aid].offset < 0:
             continue
         out.append(Consumer(node, x.name, xa, aid, w.name, wa))
-    analysis.__dict__["_stats_consumers"] = out
+    analysis.derived["consumers"] = out
     return out
 
 

@@ -86,6 +86,10 @@ class Analysis:
         self.dims: DimGraph = build_dim_graph(model)
         self.coupling: Coupling = self.dims.solve()
         self.groups: list[Group] = self._groups()
+        # what passes derive from this analysis alone (weight statistics, consumers, target
+        # terms), under a key each pass owns; read before the cut, which changes the model
+        # in place (whoever goes on from a cut model analyzes it afresh)
+        self.derived: dict = {}
 
     # -- construction -----------------------------------------------------
     def _initializer_axes(self) -> dict[int, tuple[str, int, ir.Value]]:
@@ -199,7 +203,7 @@ class Analysis:
     def weight_stat(self, key: str, elementwise) -> np.ndarray:
         """Per atom: the sum of ``elementwise(weight)`` over every weight entry it removes
         along each cut axis (computed once per model and cached)."""
-        cache = self.__dict__.setdefault("_weight_stats", {})
+        cache = self.derived.setdefault("weight_stats", {})
         if key not in cache:
             vec = np.zeros(self.dims.n_elements, dtype=np.float64)
             per_tensor: dict[str, list[tuple[int, int]]] = {}

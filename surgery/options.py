@@ -21,7 +21,7 @@ COMPENSATIONS = ("bias", "lstsq")
 @dataclasses.dataclass(frozen=True)
 class PruneOptions:
     ratio: float | None = None  # 0.5 unless a target is given
-    criterion: str = "l2"
+    criterion: Any = "l2"  # a registered name, or a Criterion object (passes/criteria_core.py)
     global_rank: bool = False
     round_to: int = 1
     keep: tuple[str, ...] = ()

@@ -98,7 +98,7 @@ def run_onnx(source, o: PruneOptions, example_inputs=None) -> Result:
 
     target = targets.parse(o.ratio, o.target_params, o.target_flops)  # targets: kept fraction instead of a ratio
     crit = get_criterion(o.criterion)
-    need, cal = calibration_checks(crit, o.criterion, o.calib, o.compensate)  # calibration
+    need, cal = calibration_checks(crit, crit.name, o.calib, o.compensate)  # calibration
     analysis, t, t0 = load_and_analyze(source, o.input_shapes)
     if o.calib is not None:  # calibration: passes/stats.py
         from surgery.passes.stats import as_calibration

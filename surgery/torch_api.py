@@ -57,7 +57,6 @@ This module imports torch; nothing else in ``surgery`` does at import time.
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import dataclasses
 import json
@@ -83,7 +82,7 @@ from surgery.backends.torch_module import (
     rule_for,
 )
 from surgery.frontends.torch_export import TorchMap, eval_mode, export_module, flat_tensors, onnx_feeds, split_inputs
-from surgery.passes.criteria import criterion as _register_criterion
+from surgery.passes.criteria import Criterion
 
 __all__ = ["TorchResult", "load", "prune_module", "save", "taylor_importance"]
 
@@ -161,11 +160,8 @@ def prune_module(
     elif calib is not None and not taylor:
         prune_kwargs["calib"] = calib  # .npz path or dict of arrays, keyed by the exported input names
     t1 = time.perf_counter()
-    token = _TAYLOR.set(state)
-    try:
-        res = pipeline.prune_onnx(proto, keep=keep + m.protect, criterion=criterion, **prune_kwargs)
-    finally:
-        _TAYLOR.reset(token)
+    crit = Criterion("taylor", state.score) if state is not None else criterion  # bound to this module's gradients
+    res = pipeline.prune_onnx(proto, keep=keep + m.protect, criterion=crit, **prune_kwargs)
     timings["prune_onnx"] = time.perf_counter() - t1
     sl = _apply_checked(module, res, m, example_inputs, inplace, timings)
     target, applied, pruned_proto = sl.target, sl.applied, sl.proto
@@ -394,37 +390,26 @@ class _quiet_warnings:
 
 @dataclasses.dataclass
 class _TaylorState:
+    """The taylor criterion bound to one module's gradients: ``score`` is what
+    :func:`prune_module` passes as the criterion (no registry entry, no global state)."""
+
     arrays: dict[str, np.ndarray]  # ONNX initializer name -> summed |w * g| (its shape)
     scores: dict[str, np.ndarray]  # group name -> unit scores (filled as the criterion runs)
+    per_atom: tuple | None = None  # (analysis, per-atom sums) of the last analysis scored
 
-
-_TAYLOR: contextvars.ContextVar = contextvars.ContextVar("surgery_taylor", default=None)
-
-_TAYLOR_WHY = ("taylor needs a PyTorch module and a loss: first-order Taylor importance |w * dL/dw| needs "
-               "gradients, which an ONNX model does not give; use surgery.prune(module, example_inputs, "
-               "criterion='taylor') (optionally calib=batches, loss=fn) on the nn.Module, or a criterion for ONNX "
-               "models (l2, l1, or a data-aware one with calibration data: activation, wanda, ...)")
-
-
-@_register_criterion("taylor")
-def _taylor_criterion(group, ctx) -> np.ndarray:
-    """Registered as ``"taylor"``: per unit, the summed |w * dL/dw| of the weights it
-    removes (arrays computed by :func:`prune_module`)."""
-    state = _TAYLOR.get()
-    if state is None:
-        raise SurgeryError(_TAYLOR_WHY)
-    scores = _per_atom(group.analysis, state.arrays)[group.atoms]
-    state.scores[group.name] = scores
-    return scores
+    def score(self, group, ctx) -> np.ndarray:
+        """Per unit: the summed |w * dL/dw| of the weights it removes."""
+        if self.per_atom is None or self.per_atom[0] is not group.analysis:
+            self.per_atom = (group.analysis, _per_atom(group.analysis, self.arrays))
+        scores = self.per_atom[1][group.atoms]
+        self.scores[group.name] = scores
+        return scores
 
 
 def _per_atom(analysis, arrays: dict[str, np.ndarray]) -> np.ndarray:
     """Per atom: the sum of ``arrays[name]`` over every entry of initializer ``name`` it
     removes along each cut axis (:meth:`Analysis.weight_stat` with given arrays in place of
-    ``elementwise(weight)``; cached on the analysis for these arrays)."""
-    cached = analysis.__dict__.get("_surgery_taylor")
-    if cached is not None and cached[0] is arrays:
-        return cached[1]
+    ``elementwise(weight)``)."""
     vec = np.zeros(analysis.dims.n_elements, dtype=np.float64)
     for ax_id, (name, k, value) in analysis._initializer_axes().items():
         arr = arrays.get(name)
@@ -437,9 +422,7 @@ def _per_atom(analysis, arrays: dict[str, np.ndarray]) -> np.ndarray:
         ax = analysis.dims.axes[ax_id]
         other = tuple(j for j in range(arr.ndim) if j != k)
         vec[ax.offset: ax.offset + ax.size] = arr.sum(axis=other, dtype=np.float64)
-    out = analysis.atom_sums(vec)
-    analysis.__dict__["_surgery_taylor"] = (arrays, out)
-    return out
+    return analysis.atom_sums(vec)
 
 
 def _default_loss(outputs, batch) -> torch.Tensor:
