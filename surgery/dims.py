@@ -182,7 +182,6 @@ class DimGraph:
     def _layout(self, relevant) -> tuple:
         """Give element ids to the axes worth analyzing; relations in element terms."""
         n_ax = len(self.axes)
-        sizes = np.array([ax.size for ax in self.axes], dtype=object)
         # clusters: axes joined by any tie or product; identity classes: by whole-axis ties
         ca, cb, ia_, ib_ = [], [], [], []
         for a, b, ia, ib in self._ties:
@@ -203,7 +202,7 @@ class DimGraph:
             rel = np.zeros(cluster.max() + 1 if n_ax else 0, dtype=bool)
             rel[cluster[np.asarray(sorted(relevant), dtype=np.int64)]] = True
             keep = rel[cluster] if n_ax else np.zeros(0, bool)
-        static = np.array([s >= 0 for s in sizes], dtype=bool) if n_ax else np.zeros(0, bool)
+        static = np.array([ax.size >= 0 for ax in self.axes], dtype=bool)
         class_size: dict[int, int] = {}
         for i in np.flatnonzero(keep & static).tolist():
             class_size[int(ident[i])] = self.axes[i].size
