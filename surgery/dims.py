@@ -40,12 +40,16 @@ NOT_CHANNEL = "not a channel axis"  # block reason for spatial axes; such groups
 # An identity class (axes tied index by index) longer than this is not analyzed per
 # channel: it is blocked whole, and the ties into it block what they touch.
 MAX_DIM = 2**24
+# A class with no weight axis (a sliced input, a concat, a flattened spatial axis) is
+# analyzed only up to this size or the weight indices of its cluster, whichever is
+# larger: the data, not what a file declares, bounds the work.
+MAX_FREE_DIM = 2**16
 # The analysis refuses a model whose analyzed axes hold more elements than this in all.
 MAX_ELEMENTS = 2**27
 
 
-def too_large(size: int) -> str:
-    return f"a dim of size {size} is too large to analyze per channel (at most {MAX_DIM})"
+def too_large(size: int, limit: int) -> str:
+    return f"a dim of size {size} is too large to analyze per channel (at most {limit} here)"
 
 
 @dataclasses.dataclass
@@ -196,17 +200,23 @@ class DimGraph:
                 cb.append(f)
         cluster = _components(n_ax, np.array(ca, np.int64), np.array(cb, np.int64))
         ident = _components(n_ax, np.array(ia_, np.int64), np.array(ib_, np.int64))
-        if relevant is None:
-            keep = np.ones(n_ax, dtype=bool)
-        else:
-            rel = np.zeros(cluster.max() + 1 if n_ax else 0, dtype=bool)
-            rel[cluster[np.asarray(sorted(relevant), dtype=np.int64)]] = True
-            keep = rel[cluster] if n_ax else np.zeros(0, bool)
-        static = np.array([ax.size >= 0 for ax in self.axes], dtype=bool)
-        class_size: dict[int, int] = {}
-        for i in np.flatnonzero(keep & static).tolist():
-            class_size[int(ident[i])] = self.axes[i].size
-        symbolic = {c: too_large(s) for c, s in class_size.items() if s > MAX_DIM}
+        weights = range(n_ax) if relevant is None else sorted(set(relevant))
+        keep = np.zeros(n_ax, dtype=bool)
+        w_size: dict[int, int] = defaultdict(int)  # cluster -> indices of its weight axes
+        w_class: set[int] = set()
+        for i in weights:
+            keep[i] = True
+            if self.axes[i].size >= 0:
+                w_size[int(cluster[i])] += self.axes[i].size
+                w_class.add(int(ident[i]))
+        if n_ax:
+            keep = np.isin(cluster, cluster[keep])
+        symbolic: dict[int, str] = {}
+        for i in np.flatnonzero(keep).tolist():
+            c, size = int(ident[i]), self.axes[i].size
+            limit = MAX_DIM if c in w_class else min(MAX_DIM, max(MAX_FREE_DIM, w_size[int(cluster[i])]))
+            if size > limit:
+                symbolic.setdefault(c, too_large(size, limit))
         off = 0
         for i, ax in enumerate(self.axes):
             ax.offset = -1

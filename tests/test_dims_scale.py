@@ -21,9 +21,9 @@ from onnx import helper
 
 import surgery
 from graphs import conv, i64, model, w
-from surgery.dims import MAX_DIM, DimGraph
+from surgery.dims import MAX_DIM, MAX_FREE_DIM, DimGraph
 
-HUGE = [2**40, 2**62, 2**63 - 1]
+HUGE = [2**20, 2**40, 2**62, 2**63 - 1]  # 2**20: past MAX_FREE_DIM, under MAX_DIM
 
 
 def big_conv(h: int) -> onnx.ModelProto:
@@ -180,6 +180,23 @@ def test_classes_up_to_max_dim_are_laid_out_beyond_it_blocked():
     assert g.axes[big].offset < 0 and g.axes[ok].offset >= 0
     assert g.n_elements == 18
     assert len(cp.atom_block) == cp.n_comp  # everything tied into the big class is blocked
+
+
+def test_classes_without_weights_are_bounded_by_the_weights_of_their_cluster():
+    g = DimGraph()
+    n = MAX_FREE_DIM + 1000
+    wt = g.axis(("value", "w", 0), n)  # a weight axis: real data
+    a = g.axis(("value", "a", 0), n)
+    near = g.axis(("value", "near", 0), n - 10)  # no weight, but no larger than the weights
+    far = g.axis(("value", "far", 0), 2 * n + 1)  # no weight, larger than all of them
+    g.tie(wt, a)
+    g.tie(a, near, range(0, n - 10), None)
+    g.tie(a, far, None, range(0, n))
+    cp = g.solve([wt])
+    assert g.axes[near].offset >= 0 and g.axes[far].offset < 0
+    assert g.n_elements == 3 * n - 10
+    reasons = {cp.atom_block.get(int(cp.comp[g.axes[wt].offset + i])) for i in (0, n - 5)}
+    assert len(reasons) == 1 and f"size {2 * n + 1} is too large" in reasons.pop()
 
 
 def test_out_of_range_index_maps_block_instead_of_touching_other_axes():
