@@ -178,6 +178,7 @@ def load_onnx(
 
     _check_opset(proto, label)
     _check_external_data(proto, base_dir, label)
+    _check_declared_dims(proto, label)
     _run_checker(proto if path is None else path, label)
 
     try:
@@ -596,6 +597,21 @@ def _iter_node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
             yield from _iter_graph_tensors(attr.g)
         for sub in attr.graphs:
             yield from _iter_graph_tensors(sub)
+
+
+def _check_declared_dims(proto: onnx.ModelProto, label: str) -> None:
+    """A declared size of -1 (some exporters write it for "unknown") becomes unknown; any
+    other negative size is an error (onnx's shape inference aborts the process on one)."""
+    g = proto.graph
+    for vi in [*g.input, *g.output, *g.value_info]:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value < 0:
+                if d.dim_value != -1:
+                    raise SurgeryError(f"{label!r}: '{vi.name}' declares size {d.dim_value} on axis {k}; "
+                                       "sizes are at least 0 (-1 for unknown)")
+                d.ClearField("dim_value")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -230,3 +230,14 @@ def test_too_many_elements_in_all_is_a_clean_error(monkeypatch):
     monkeypatch.setattr(surgery.dims, "MAX_ELEMENTS", 20)
     with pytest.raises(SurgeryError, match="too many to analyze"):
         surgery.analyze(big_conv(4))
+
+
+def test_negative_declared_sizes():
+    from surgery.errors import SurgeryError
+
+    # onnx's shape inference aborts the process on a Slice over a size of -5: the loader refuses it
+    with pytest.raises(SurgeryError, match="declares size -5 on axis 1"):
+        surgery.analyze(sliced_mlp(-5))
+    # -1 is how some exporters write "unknown"
+    g = _groups(surgery.analyze(sliced_mlp(-1)))
+    assert g["w1@1"].prunable and len(g["w1@1"].atoms) == 8
