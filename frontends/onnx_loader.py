@@ -179,6 +179,7 @@ def load_onnx(
 
     _check_opset(proto, label)
     _check_external_data(proto, base_dir, label)
+    _check_declared_dims(proto, label)
     _run_checker(proto if path is None else path, label)
 
     try:
@@ -617,6 +618,21 @@ def _iter_node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
             yield from _iter_graph_tensors(sub)
 
 
+def _check_declared_dims(proto: onnx.ModelProto, label: str) -> None:
+    """A declared size of -1 (some exporters write it for "unknown") becomes unknown; any
+    other negative size is an error (onnx's shape inference aborts the process on one)."""
+    g = proto.graph
+    for vi in [*g.input, *g.output, *g.value_info]:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value < 0:
+                if d.dim_value != -1:
+                    raise SurgeryError(f"{label!r}: '{vi.name}' declares size {d.dim_value} on axis {k}; "
+                                       "sizes are at least 0 (-1 for unknown)")
+                d.ClearField("dim_value")
+
+
 def _one_line(exc: BaseException) -> str:
     for line in str(exc).splitlines():
         if line.strip():
@@ -629,17 +645,7 @@ def _one_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def _check_declared_dims(model: ir.Model, label: str) -> None:
-    """A negative size declared on a graph input or output is no shape at all."""
-    for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
-        for v in values:
-            for k, d in enumerate(v.shape or ()):
-                if isinstance(d, int) and d < 0:
-                    raise SurgeryError(f"graph {kind} {v.name!r} of {label!r} declares size {d} for axis {k}")
-
-
 def _normalize(model: ir.Model, label: str) -> None:
-    _check_declared_dims(model, label)
     try:
         if RemoveInitializersFromInputsPass()(model).modified and (model.ir_version or 0) < 4:
             model.ir_version = 4  # IR < 4 requires every initializer to be a graph input

@@ -33,6 +33,7 @@ count and the check, as fractions of the model's count.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from typing import Callable
 
@@ -141,6 +142,10 @@ def terms(analysis, kind: str) -> Terms:
                 add(coef, *(factor(v, axes) for v, axes in parts))
     else:
         raise SurgeryError(f"target kind must be one of {KINDS}, got {kind!r}")
+    total = sum(c * math.prod(int(sizes[a]) for a in ids) for c, ids in rows)  # python ints
+    if total >= 2**63:  # every count below is int64: one past it would wrap silently
+        raise SurgeryError(f"the model's {_LABEL[kind]} ({total}, from its declared sizes) are too many to "
+                           f"search a target in; use --ratio")
     width = max((len(i) for _, i in rows), default=0)
     axes = np.full((len(rows), max(width, 1)), n_axes, dtype=np.int64)
     for t, (_, ids) in enumerate(rows):

@@ -84,7 +84,10 @@ class Analysis:
         self.model = model
         _name_nodes(model)
         self.dims: DimGraph = build_dim_graph(model)
-        self.coupling: Coupling = self.dims.solve()
+        # only clusters that hold a weight axis can make a group (see docs/design-notes.md)
+        inits = model.graph.initializers
+        weights = [i for i, ax in enumerate(self.dims.axes) if ax.key[0] == "value" and ax.key[1] in inits]
+        self.coupling: Coupling = self.dims.solve(weights)
         self.groups: list[Group] = self._groups()
         # what passes derive from this analysis alone (weight statistics, consumers, target
         # terms), under a key each pass owns; read before the cut, which changes the model

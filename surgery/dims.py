@@ -13,26 +13,75 @@ Every tensor axis a rule mentions is an *axis node*; every index along it is an
 Connected components of the ties are channels; components with no product
 behind them are **atoms**, the units the policy removes. A derived component
 (an element of a product axis) is removed when any atom it is made of is.
+
+Elements are laid out lazily (see "Memory" in docs/design-notes.md): rules record
+relations per axis, with index maps as ``range`` objects or small arrays, and
+:meth:`DimGraph.solve` gives element ids only to the axes of *clusters* (axes joined
+by ties and products) that hold a weight axis, and only to identity classes of at
+most ``MAX_DIM`` indices. Everything else is never cut, so memory does not depend on
+declared sizes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
+from surgery.errors import SurgeryError
+
 
 NOT_CHANNEL = "not a channel axis"  # block reason for spatial axes; such groups are not reported
+
+# An identity class (axes tied index by index) longer than this is not analyzed per
+# channel: it is blocked whole, and the ties into it block what they touch.
+MAX_DIM = 2**24
+# A class with no weight axis (a sliced input, a concat, a flattened spatial axis) is
+# analyzed only up to this size or the weight indices of its cluster, whichever is
+# larger: the data, not what a file declares, bounds the work.
+MAX_FREE_DIM = 2**16
+# The analysis refuses a model whose analyzed axes hold more elements than this in all.
+MAX_ELEMENTS = 2**27
+
+
+def too_large(size: int, limit: int) -> str:
+    return f"a dim of size {size} is too large to analyze per channel (at most {limit} here)"
 
 
 @dataclasses.dataclass
 class Axis:
     key: tuple  # ("value", name, axis) or ("virtual", node name, tag)
     size: int  # -1 when not static
-    offset: int = -1  # first element id, -1 when the axis has no elements
+    offset: int = -1  # first element id once solved, -1 when the axis has no elements
+
+
+def _norm_index(size: int, idx):
+    """None (every index in order), a range, or an int64 array; False when out of range."""
+    if idx is None:
+        return None
+    if isinstance(idx, range):
+        if len(idx) == 0:
+            return idx
+        lo, hi = min(idx[0], idx[-1]), max(idx[0], idx[-1])
+        if lo < 0 or hi >= size:
+            return False
+        if idx.step == 1 and idx.start == 0 and len(idx) == size:
+            return None
+        return idx
+    arr = np.asarray(idx, dtype=np.int64).ravel()
+    if len(arr) and (int(arr.min()) < 0 or int(arr.max()) >= size):
+        return False
+    if len(arr) == size and size and bool((arr == np.arange(size)).all()):
+        return None
+    return arr
+
+
+def _count(size: int, idx) -> int:
+    return size if idx is None else len(idx)
 
 
 class DimGraph:
@@ -41,13 +90,12 @@ class DimGraph:
     def __init__(self) -> None:
         self.axes: list[Axis] = []
         self._by_key: dict[tuple, int] = {}
-        self.n_elements = 0
-        self._tie_a: list[np.ndarray] = []
-        self._tie_b: list[np.ndarray] = []
+        self.n_elements = 0  # elements laid out by solve()
+        # relations in the order rules declared them; indices None, a range or an array
+        self._ties: list[tuple[int, int, object, object]] = []
         self.products: list[tuple[int, list[int]]] = []
-        # element id arrays with a reason each
-        self.blocked: list[tuple[np.ndarray, str]] = []
-        self.inexact: list[tuple[np.ndarray, str]] = []
+        self._blocks: list[tuple[int, str, object]] = []
+        self._inexact: list[tuple[int, str, object]] = []
         # axis id -> roles rules saw it play ("head", "head_dim", "repeat", "pre_repeat",
         # "hidden", "channel"), which name a group's kind (heads, MLP units, ...)
         self.roles: dict[int, set[str]] = defaultdict(set)
@@ -57,10 +105,8 @@ class DimGraph:
         idx = self._by_key.get(key)
         if idx is not None:
             return idx
-        ax = Axis(key, int(size) if size is not None else -1)
-        if ax.size >= 0:
-            ax.offset = self.n_elements
-            self.n_elements += ax.size
+        size = int(size) if size is not None else -1
+        ax = Axis(key, size if size >= 0 else -1)  # a negative declared size is no size
         self.axes.append(ax)
         self._by_key[key] = len(self.axes) - 1
         return len(self.axes) - 1
@@ -69,11 +115,14 @@ class DimGraph:
         return self._by_key.get(key)
 
     def elements(self, a: int, idx=None) -> np.ndarray:
+        """Element ids of axis a (at ``idx``), once solved; empty for an axis without elements."""
         ax = self.axes[a]
         if ax.offset < 0:
             return np.zeros(0, dtype=np.int64)
         if idx is None:
             return np.arange(ax.offset, ax.offset + ax.size, dtype=np.int64)
+        if isinstance(idx, range):
+            return np.arange(ax.offset + idx.start, ax.offset + idx.stop, idx.step, dtype=np.int64)
         return ax.offset + np.asarray(idx, dtype=np.int64)
 
     # -- relations --------------------------------------------------------
@@ -86,43 +135,135 @@ class DimGraph:
                 if x.size >= 0:
                     self.block(self._by_key[x.key], why or "tied to an axis of unknown size")
             return
-        ea, eb = self.elements(a, ia), self.elements(b, ib)
-        if len(ea) != len(eb):  # sizes disagree (a dynamic dim guessed for analysis): cut neither
+        ia, ib = _norm_index(A.size, ia), _norm_index(B.size, ib)
+        if ia is False or ib is False:
+            self.block(a, "index map out of range")
+            self.block(b, "index map out of range")
+            return
+        if _count(A.size, ia) != _count(B.size, ib):
+            # sizes disagree (a dynamic dim guessed for analysis): cut neither
             self.block(a, why or "tied axes of different sizes")
             self.block(b, why or "tied axes of different sizes")
             return
-        self._tie_a.append(ea)
-        self._tie_b.append(eb)
+        if _count(A.size, ia):
+            self._ties.append((a, b, ia, ib))
 
     def product(self, flat: int, factors: list[int]) -> None:
         """Axis ``flat`` is the row-major product of ``factors``."""
         sizes = [self.axes[f].size for f in factors]
         F = self.axes[flat]
-        if F.size < 0 or any(s < 0 for s in sizes) or int(np.prod(sizes)) != F.size:
+        if F.size < 0 or any(s < 0 for s in sizes) or math.prod(sizes) != F.size:
             for x in [flat, *factors]:
                 self.block(x, "reshape over axes of unknown or inconsistent size")
             return
         self.products.append((flat, list(factors)))
 
     def block(self, a: int, why: str, idx=None) -> None:
-        e = self.elements(a, idx)
-        if len(e):
-            self.blocked.append((e, why))
+        self._mark(self._blocks, a, why, idx)
 
     def role(self, a: int, role: str) -> None:
         self.roles[a].add(role)
 
     def mark_inexact(self, a: int, why: str, idx=None) -> None:
-        e = self.elements(a, idx)
-        if len(e):
-            self.inexact.append((e, why))
+        self._mark(self._inexact, a, why, idx)
+
+    def _mark(self, table: list, a: int, why: str, idx) -> None:
+        size = self.axes[a].size
+        if size <= 0:
+            return
+        idx = _norm_index(size, idx)
+        if idx is False:
+            idx = None  # indices past the axis: mark it all
+        if _count(size, idx):
+            table.append((a, why, idx))
 
     # -- solving ----------------------------------------------------------
-    def solve(self) -> "Coupling":
-        return Coupling(self)
+    def solve(self, relevant=None) -> "Coupling":
+        """Lay out elements and solve the coupling. ``relevant``: axis ids whose clusters
+        matter (the weight axes; groups without one are never reported); None for all."""
+        return Coupling(self, relevant)
+
+    def _layout(self, relevant) -> tuple:
+        """Give element ids to the axes worth analyzing; relations in element terms."""
+        n_ax = len(self.axes)
+        # clusters: axes joined by any tie or product; identity classes: by whole-axis ties
+        ca, cb, ia_, ib_ = [], [], [], []
+        for a, b, ia, ib in self._ties:
+            ca.append(a)
+            cb.append(b)
+            if ia is None and ib is None:
+                ia_.append(a)
+                ib_.append(b)
+        for flat, factors in self.products:
+            for f in factors:
+                ca.append(flat)
+                cb.append(f)
+        cluster = _components(n_ax, np.array(ca, np.int64), np.array(cb, np.int64))
+        ident = _components(n_ax, np.array(ia_, np.int64), np.array(ib_, np.int64))
+        weights = range(n_ax) if relevant is None else sorted(set(relevant))
+        keep = np.zeros(n_ax, dtype=bool)
+        w_size: dict[int, int] = defaultdict(int)  # cluster -> indices of its weight axes
+        w_class: set[int] = set()
+        for i in weights:
+            keep[i] = True
+            if self.axes[i].size >= 0:
+                w_size[int(cluster[i])] += self.axes[i].size
+                w_class.add(int(ident[i]))
+        if n_ax:
+            keep = np.isin(cluster, cluster[keep])
+        symbolic: dict[int, str] = {}
+        for i in np.flatnonzero(keep).tolist():
+            c, size = int(ident[i]), self.axes[i].size
+            limit = MAX_DIM if c in w_class else min(MAX_DIM, max(MAX_FREE_DIM, w_size[int(cluster[i])]))
+            if size > limit:
+                symbolic.setdefault(c, too_large(size, limit))
+        off = 0
+        for i, ax in enumerate(self.axes):
+            ax.offset = -1
+            if keep[i] and ax.size >= 0 and int(ident[i]) not in symbolic:
+                ax.offset = off
+                off += ax.size
+                if off > MAX_ELEMENTS:
+                    raise SurgeryError(
+                        f"the model's channel axes hold more than {MAX_ELEMENTS} elements; "
+                        "too many to analyze")
+        self.n_elements = off
+
+        def mat(a: int) -> bool:
+            return self.axes[a].offset >= 0
+
+        def why_symbolic(a: int) -> str | None:
+            return symbolic.get(int(ident[a])) if keep[a] else None
+
+        ta, tb, induced = [], [], []
+        for a, b, ia, ib in self._ties:
+            if mat(a) and mat(b):
+                ta.append(self.elements(a, ia))
+                tb.append(self.elements(b, ib))
+            elif mat(a) and why_symbolic(b):
+                induced.append((self.elements(a, ia), why_symbolic(b)))
+            elif mat(b) and why_symbolic(a):
+                induced.append((self.elements(b, ib), why_symbolic(a)))
+        products = []
+        for flat, factors in self.products:
+            axes = [flat, *factors]
+            if all(mat(x) for x in axes):
+                products.append((flat, factors))
+                continue
+            why = next((why_symbolic(x) for x in axes if why_symbolic(x)), None)
+            for x in axes:
+                if mat(x) and why:
+                    induced.append((self.elements(x), why))
+        blocked = [(self.elements(a, idx), why) for a, why, idx in self._blocks if mat(a)]
+        blocked += induced
+        inexact = [(self.elements(a, idx), why) for a, why, idx in self._inexact if mat(a)]
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+        return cat(ta), cat(tb), products, blocked, inexact
 
 
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if not n:
+        return np.zeros(0, dtype=np.int64)
     g = sp.coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
     _, labels = connected_components(g, directed=False)
     return labels.astype(np.int64)
@@ -131,11 +272,10 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class Coupling:
     """The solved coupling: channels (components), atoms and what each atom removes."""
 
-    def __init__(self, g: DimGraph) -> None:
+    def __init__(self, g: DimGraph, relevant=None) -> None:
         self.graph = g
+        ta, tb, self._products, blocked, inexact = g._layout(relevant)
         n = g.n_elements
-        ta = np.concatenate(g._tie_a) if g._tie_a else np.zeros(0, np.int64)
-        tb = np.concatenate(g._tie_b) if g._tie_b else np.zeros(0, np.int64)
         blocked_extra: list[np.ndarray] = []
         # Derivations must agree: a component reached by two factor tuples
         # unifies those tuples position by position (iterate to a fixpoint).
@@ -157,7 +297,7 @@ class Coupling:
 
         # blocked and inexact components, with reasons
         self.block_reason: dict[int, str] = {}
-        for e, why in g.blocked:
+        for e, why in blocked:
             for c in np.unique(comp[e]):
                 self.block_reason.setdefault(int(c), why)
         for e in blocked_extra:
@@ -166,7 +306,7 @@ class Coupling:
         for c in self.cyclic:
             self.block_reason.setdefault(c, "cyclic reshape derivation")
         self.inexact_reason: dict[int, str] = {}
-        for e, why in g.inexact:
+        for e, why in inexact:
             for c in np.unique(comp[e]):
                 self.inexact_reason.setdefault(int(c), why)
 
@@ -218,7 +358,7 @@ class Coupling:
         deriv: dict[int, tuple[int, ...]] = {}
         extra_a, extra_b, bad = [], [], []
         _, first = np.unique(comp, return_index=True)  # component -> one element of it
-        for flat, factors in g.products:
+        for flat, factors in self._products:
             F = g.axes[flat]
             sizes = [g.axes[f].size for f in factors]
             idx = np.unravel_index(np.arange(F.size), sizes)
@@ -240,29 +380,51 @@ class Coupling:
             return deriv, np.array(extra_a, np.int64), np.array(extra_b, np.int64), bad
         return deriv, np.zeros(0, np.int64), np.zeros(0, np.int64), bad
 
-    def leaves(self, c: int, _stack=None) -> tuple[int, ...]:
-        """The atoms a component is made of (itself when it is an atom)."""
-        hit = self._leaves_cache.get(c)
+    def leaves(self, c: int) -> tuple[int, ...]:
+        """The atoms a component is made of (itself when it is an atom).
+
+        Depth-first over the derivations with an explicit stack (a chain of reshapes
+        can be deeper than Python's recursion limit); a component met again while its
+        own leaves are being collected is a cycle: it is recorded in ``cyclic`` and
+        stands for itself there."""
+        cache, deriv = self._leaves_cache, self.deriv
+        hit = cache.get(c)
         if hit is not None:
             return hit
-        d = self.deriv.get(c)
-        if d is None:
-            res = (c,)
-        else:
-            stack = _stack or set()
-            if c in stack:
-                self.cyclic.add(c)
-                return (c,)
-            stack.add(c)
-            out: list[int] = []
-            for f in d:
-                for leaf in self.leaves(f, stack):
-                    if leaf not in out:
-                        out.append(leaf)
-            stack.discard(c)
-            res = tuple(out)
-        self._leaves_cache[c] = res
-        return res
+        if c not in deriv:
+            cache[c] = (c,)
+            return cache[c]
+        on_stack = {c}
+        # frames: [component, its factors, next factor, leaves so far, their set]
+        frames = [[c, deriv[c], 0, [], set()]]
+        while True:
+            fr = frames[-1]
+            node, d, i, out, seen = fr
+            if i < len(d):
+                fr[2] = i + 1
+                f = d[i]
+                sub = cache.get(f)
+                if sub is None:
+                    if f not in deriv:
+                        sub = cache[f] = (f,)
+                    elif f in on_stack:
+                        self.cyclic.add(f)
+                        sub = (f,)
+                    else:
+                        on_stack.add(f)
+                        frames.append([f, deriv[f], 0, [], set()])
+                        continue
+            else:
+                frames.pop()
+                on_stack.discard(node)
+                sub = cache[node] = tuple(out)
+                if not frames:
+                    return sub
+                out, seen = frames[-1][3], frames[-1][4]
+            for leaf in sub:
+                if leaf not in seen:
+                    seen.add(leaf)
+                    out.append(leaf)
 
     # -- queries ----------------------------------------------------------
     def component_elements(self, c: int) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import onnx_ir as ir
 
 from surgery.passes.rules import flop_terms
@@ -27,6 +28,6 @@ def count_flops(model: ir.Model) -> int:
         for coef, parts in flop_terms(node):
             for v, axes in parts:
                 dims = _dims(v)
-                coef *= int(np.prod([dims[k] for k in axes], dtype=np.int64))
+                coef *= math.prod(dims[k] for k in axes)  # python ints: declared sizes overflow int64
             total += coef
     return int(total)

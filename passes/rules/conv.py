@@ -150,8 +150,9 @@ def pad(ctx: RuleContext) -> None:
             n_in = ctx.size(x, k)
             if n_in is None:
                 raise Unsupported("padded axis of unknown size")
-            ctx.tie(x, k, y, k, None, np.arange(pb, pb + n_in))
-            ctx.block(y, k, "padding", np.r_[np.arange(pb), np.arange(pb + n_in, pb + n_in + pe)])
+            ctx.tie(x, k, y, k, None, range(pb, pb + n_in))
+            ctx.block(y, k, "padding", range(pb))
+            ctx.block(y, k, "padding", range(pb + n_in, pb + n_in + pe))
 
 
 @flops("Conv", "ConvTranspose")

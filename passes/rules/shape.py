@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 
@@ -40,7 +42,7 @@ def reshape_map(ctx: RuleContext, x, y) -> None:
             return
         _refine(ctx, x, mx, i_x, y, my, i_y)
         return
-    if int(np.prod(mx)) != int(np.prod(my)):
+    if math.prod(mx) != math.prod(my):  # python ints: declared sizes can overflow int64
         raise Unsupported("reshape with inconsistent sizes")
     _refine(ctx, x, mx, i, y, my, i)
 
@@ -55,9 +57,9 @@ def _static_tail(mx: list, my: list) -> tuple[int, int]:
 
     best = (0, 0)
     for a in range(tail(mx) + 1):
-        pa = int(np.prod(mx[len(mx) - a:])) if a else 1
+        pa = math.prod(mx[len(mx) - a:])
         for b in range(tail(my) + 1):
-            pb = int(np.prod(my[len(my) - b:])) if b else 1
+            pb = math.prod(my[len(my) - b:])
             if pa == pb and a + b > sum(best):
                 best = (a, b)
     return best
@@ -152,7 +154,7 @@ def concat(ctx: RuleContext) -> None:
             raise Unsupported("concatenated axis of unknown size")
         for k in range(r):
             if k == axis:
-                ctx.tie(v, k, y, k, None, np.arange(off, off + n))
+                ctx.tie(v, k, y, k, None, range(off, off + n))
             else:
                 ctx.tie(v, k, y, k)
         off += n
@@ -176,7 +178,7 @@ def split(ctx: RuleContext) -> None:
     for o, n in zip(ctx.node.outputs, _split_sizes(ctx, x, axis)):
         for k in range(r):
             if k == axis:
-                ctx.tie(x, k, o, k, np.arange(off, off + n), None)
+                ctx.tie(x, k, o, k, range(off, off + n), None)
             else:
                 ctx.tie(x, k, o, k)
         off += n
@@ -222,7 +224,7 @@ def slice_(ctx: RuleContext) -> None:
             ctx.ax(x, k)
             continue
         s, e, st = sliced[k]
-        idx = np.arange(n)[slice(int(s), int(e), int(st))]
+        idx = range(n)[slice(int(s), int(e), int(st))]  # a range: no array as long as the axis
         if st != 1:
             ctx.block(x, k, "strided slice")
         ctx.tie(x, k, y, k, idx, None)
