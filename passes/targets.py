@@ -93,7 +93,7 @@ class Terms:
 
 def terms(analysis, kind: str) -> Terms:
     """The params or FLOPs of ``analysis.model`` as terms over the dim graph's axes."""
-    cache = analysis.__dict__.setdefault("_target_terms", {})
+    cache = analysis.derived.setdefault("target_terms", {})
     if kind in cache:
         return cache[kind]
     dims = analysis.dims
