@@ -917,9 +917,7 @@ def _infer_shapes(model: ir.Model, *, clear: bool) -> None:
     )
 
     if inferred is not None:
-        inferred_model = ir.serde.deserialize_model(inferred)
-        for graph, inferred_graph in zip(model.graphs(), inferred_model.graphs()):
-            mapping = ir.convenience.create_value_mapping(inferred_graph)
+        for graph, mapping in _inferred_values(model, inferred):
             for node in graph:
                 for out in node.outputs:
                     other = mapping.get(out.name) if out.name else None
@@ -950,6 +948,24 @@ def _infer_shapes(model: ir.Model, *, clear: bool) -> None:
         if value.producer() is not None and value.shape is not None and value.shape != shape:
             value.meta[META_INFERRED_SHAPE] = value.shape
         value.shape, value.type = shape, type_ if type_ is not None else value.type
+
+
+def _inferred_values(model: ir.Model, inferred: onnx.ModelProto):
+    """(graph, value name -> inferred Value) for every graph of ``model``.
+
+    Without subgraphs only the main graph's value infos are read (node outputs get
+    their shapes from ``value_info``, then ``output``, as the deserializer does):
+    deserializing the whole inferred model (every node again) cost as much as the
+    inference itself on long graphs."""
+    if not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+               for node in model.graph for a in node.attributes.values()):
+        mapping: dict[str, ir.Value] = {}
+        for info in [*inferred.graph.value_info, *inferred.graph.output]:
+            mapping[info.name] = ir.serde.deserialize_value_info_proto(info, mapping.get(info.name))
+        return [(model.graph, mapping)]
+    inferred_model = ir.serde.deserialize_model(inferred)
+    return [(graph, ir.convenience.create_value_mapping(inferred_graph))
+            for graph, inferred_graph in zip(model.graphs(), inferred_model.graphs())]
 
 
 def _has_unknown_dims(proto: onnx.ModelProto) -> bool:
