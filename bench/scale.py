@@ -13,7 +13,8 @@ The subprocess's wall time is measured around it, its CPU time and peak RSS come
 from ``os.wait4`` (the kernel's per-child ``ru_maxrss``: one child's own high-water
 mark, not the maximum over every child so far). A tiny chain run first gives the
 fixed costs (interpreter, imports, onnxruntime's first session) that every run pays;
-the ``net`` columns subtract them. Below the table: the growth exponent ``k`` of a
+the ``net`` columns subtract them. On a shared machine wall seconds include time spent
+waiting for a CPU; CPU seconds (user + system of the child) do not. Below the table: the growth exponent ``k`` of a
 least-squares fit ``y ~ nodes^k`` over all sizes (1 = linear), for the whole command
 and net of the fixed costs. See bench/README.md.
 """
@@ -27,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,21 +69,16 @@ def run_cli(model: Path, out: Path, report: Path, ratio: float, verify: bool) ->
         cmd.append("--no-verify")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=model.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # wait4 reaps the child and returns its own rusage; communicate() then only drains the pipes
-    stdout, stderr = b"", b""
-    import threading
-
+    # os.wait4 reaps the child and returns its own rusage (RUSAGE_CHILDREN would be the
+    # maximum over every child so far); two threads drain its pipes meanwhile
     chunks: dict[str, bytes] = {}
-
-    def drain(name, pipe):
-        chunks[name] = pipe.read()
-
-    threads = [threading.Thread(target=drain, args=(n, p)) for n, p in (("out", proc.stdout), ("err", proc.stderr))]
-    for t in threads:
+    drains = [threading.Thread(target=lambda n=n, p=p: chunks.__setitem__(n, p.read()))
+              for n, p in (("out", proc.stdout), ("err", proc.stderr))]
+    for t in drains:
         t.start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-    for t in threads:
+    for t in drains:
         t.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     stdout, stderr = chunks.get("out", b""), chunks.get("err", b"")
@@ -126,7 +123,7 @@ def _s(v: float | None) -> str:
 def table_for(rows: dict, sizes: list[int], verify: bool, console: Console) -> dict:
     base = rows[BASELINE_NODES]
     t = Table(title=f"surgery prune on a chain, one subprocess per size (verify {'on' if verify else 'off'})")
-    for col in ("nodes", "seconds", "net s", "cpu s", "peak RSS MB", "net MB", "load", "analysis", "plan", "emit",
+    for col in ("nodes", "seconds", "net s", "cpu s", "net cpu s", "peak RSS MB", "net MB", "load", "analysis", "plan", "emit",
                 "verify", "out/in bytes", "verified"):
         t.add_column(col, justify="left" if col == "verified" else "right")
     for n in [BASELINE_NODES, *sizes]:
@@ -134,14 +131,15 @@ def table_for(rows: dict, sizes: list[int], verify: bool, console: Console) -> d
         rep = r["report"] or {}
         tm = rep.get("timings", {})
         net_s = r["wall"] - base["wall"] if n != BASELINE_NODES else None
+        net_cpu = r["cpu"] - base["cpu"] if n != BASELINE_NODES else None
         net_mb = r["peak_mb"] - base["peak_mb"] if n != BASELINE_NODES else None
-        r["net_s"], r["net_mb"] = net_s, net_mb
+        r["net_s"], r["net_cpu"], r["net_mb"] = net_s, net_cpu, net_mb
         ratio = f"{r['out_bytes'] / r['in_bytes']:.2f}" if r["out_bytes"] else "-"
         ver = verdict(rep.get("verify")) if verify else "off"
         if r["exit"] != 0:
             ver = f"[red]exit {r['exit']}[/red]"
         t.add_row(f"{r['nodes']:,}" + (" (fixed)" if n == BASELINE_NODES else ""), _s(r["wall"]), _s(net_s),
-                  _s(r["cpu"]), f"{r['peak_mb']:.0f}", "-" if net_mb is None else f"{net_mb:.0f}",
+                  _s(r["cpu"]), _s(net_cpu), f"{r['peak_mb']:.0f}", "-" if net_mb is None else f"{net_mb:.0f}",
                   *[_s(tm.get(s)) for s in STAGES], ratio, ver)
     console.print(t)
     ok = [rows[n] for n in sizes if rows[n]["exit"] == 0]
@@ -150,6 +148,7 @@ def table_for(rows: dict, sizes: list[int], verify: bool, console: Console) -> d
         "seconds": loglog_exponent(xs, [r["wall"] for r in ok]),
         "net seconds": loglog_exponent(xs, [r["net_s"] for r in ok]),
         "cpu seconds": loglog_exponent(xs, [r["cpu"] for r in ok]),
+        "net cpu seconds": loglog_exponent(xs, [r["net_cpu"] for r in ok]),
         "peak RSS": loglog_exponent(xs, [r["peak_mb"] for r in ok]),
         "net RSS": loglog_exponent(xs, [r["net_mb"] for r in ok]),
     }

@@ -592,15 +592,38 @@ def _run_checker(model: onnx.ModelProto | str, label: str) -> None:
 
 
 def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    return _walk_tensors(_graph_items(graph))
+
+
+def _iter_node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    return _walk_tensors(_node_items(node))
+
+
+def _walk_tensors(items: Iterator) -> Iterator[onnx.TensorProto]:
+    """The tensors of ``items``, descending into the subgraphs among them in place, in
+    the same order as a recursive walk, with a stack of iterators instead of recursion."""
+    stack = [items]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+        elif isinstance(item, onnx.GraphProto):
+            stack.append(_graph_items(item))
+        else:
+            yield item
+
+
+def _graph_items(graph: onnx.GraphProto) -> Iterator:
+    """A graph's tensors and, where its nodes' attributes hold them, its subgraphs."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
     for node in graph.node:
-        yield from _iter_node_tensors(node)
+        yield from _node_items(node)
 
 
-def _iter_node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+def _node_items(node: onnx.NodeProto) -> Iterator:
     for attr in node.attribute:
         if attr.HasField("t"):
             yield attr.t
@@ -612,9 +635,8 @@ def _iter_node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
             yield sparse.values
             yield sparse.indices
         if attr.HasField("g"):
-            yield from _iter_graph_tensors(attr.g)
-        for sub in attr.graphs:
-            yield from _iter_graph_tensors(sub)
+            yield attr.g
+        yield from attr.graphs
 
 
 def _one_line(exc: BaseException) -> str:

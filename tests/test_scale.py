@@ -229,3 +229,24 @@ def test_cli_prunes_a_100000_node_chain(tmp_path):
     initializers; see bench/scale.py)."""
     got = _prune_chain(tmp_path, 100_000, "conv", timeout=3600)
     assert got["report"]["verify"]["exact"] is True, got["report"]["verify"]
+
+
+def test_iter_tensor_protos_walks_deeply_nested_subgraphs_in_order():
+    """Subgraphs inside subgraphs (If in If in ...): every tensor, in the order of a
+    depth-first walk, from a stack of iterators. (protobuf refuses messages nested more
+    than 100 deep, so a model cannot nest deeper than that.)"""
+    from surgery.frontends.onnx_loader import iter_tensor_protos
+
+    depth = 20  # each level nests graph -> node -> attribute: 60 message levels
+
+    empty = helper.make_graph([], "empty", [], [])
+    inner = helper.make_graph([], "g_last", [], [], [numpy_helper.from_array(np.zeros(1, np.float32), "t_last")])
+    for i in reversed(range(depth)):
+        node = helper.make_node("If", ["c"], [f"o{i}"], then_branch=inner, else_branch=empty,
+                                value=numpy_helper.from_array(np.zeros(1, np.float32), f"attr{i}"))
+        inner = helper.make_graph([node], f"g{i}", [], [], [numpy_helper.from_array(np.zeros(1, np.float32), f"t{i}")])
+    names = [t.name for t in iter_tensor_protos(helper.make_model(inner))]
+    # attributes in name order (else_branch, then_branch, value): each graph's initializer,
+    # then everything nested in its node's then-branch, then that node's own attribute tensor
+    want = [f"t{i}" for i in range(depth)] + ["t_last"] + [f"attr{i}" for i in reversed(range(depth))]
+    assert names == want
