@@ -593,15 +593,38 @@ def _run_checker(model: onnx.ModelProto | str, label: str) -> None:
 
 
 def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    return _walk_tensors(_graph_items(graph))
+
+
+def _iter_node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    return _walk_tensors(_node_items(node))
+
+
+def _walk_tensors(items: Iterator) -> Iterator[onnx.TensorProto]:
+    """The tensors of ``items``, descending into the subgraphs among them in place, in
+    the same order as a recursive walk, with a stack of iterators instead of recursion."""
+    stack = [items]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+        elif isinstance(item, onnx.GraphProto):
+            stack.append(_graph_items(item))
+        else:
+            yield item
+
+
+def _graph_items(graph: onnx.GraphProto) -> Iterator:
+    """A graph's tensors and, where its nodes' attributes hold them, its subgraphs."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
     for node in graph.node:
-        yield from _iter_node_tensors(node)
+        yield from _node_items(node)
 
 
-def _iter_node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+def _node_items(node: onnx.NodeProto) -> Iterator:
     for attr in node.attribute:
         if attr.HasField("t"):
             yield attr.t
@@ -613,9 +636,8 @@ def _iter_node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
             yield sparse.values
             yield sparse.indices
         if attr.HasField("g"):
-            yield from _iter_graph_tensors(attr.g)
-        for sub in attr.graphs:
-            yield from _iter_graph_tensors(sub)
+            yield attr.g
+        yield from attr.graphs
 
 
 def _check_declared_dims(proto: onnx.ModelProto, label: str) -> None:
@@ -923,9 +945,7 @@ def _infer_shapes(model: ir.Model, *, clear: bool) -> None:
     )
 
     if inferred is not None:
-        inferred_model = ir.serde.deserialize_model(inferred)
-        for graph, inferred_graph in zip(model.graphs(), inferred_model.graphs()):
-            mapping = ir.convenience.create_value_mapping(inferred_graph)
+        for graph, mapping in _inferred_values(model, inferred):
             for node in graph:
                 for out in node.outputs:
                     other = mapping.get(out.name) if out.name else None
@@ -956,6 +976,24 @@ def _infer_shapes(model: ir.Model, *, clear: bool) -> None:
         if value.producer() is not None and value.shape is not None and value.shape != shape:
             value.meta[META_INFERRED_SHAPE] = value.shape
         value.shape, value.type = shape, type_ if type_ is not None else value.type
+
+
+def _inferred_values(model: ir.Model, inferred: onnx.ModelProto):
+    """(graph, value name -> inferred Value) for every graph of ``model``.
+
+    Without subgraphs only the main graph's value infos are read (node outputs get
+    their shapes from ``value_info``, then ``output``, as the deserializer does):
+    deserializing the whole inferred model (every node again) cost as much as the
+    inference itself on long graphs."""
+    if not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+               for node in model.graph for a in node.attributes.values()):
+        mapping: dict[str, ir.Value] = {}
+        for info in [*inferred.graph.value_info, *inferred.graph.output]:
+            mapping[info.name] = ir.serde.deserialize_value_info_proto(info, mapping.get(info.name))
+        return [(model.graph, mapping)]
+    inferred_model = ir.serde.deserialize_model(inferred)
+    return [(graph, ir.convenience.create_value_mapping(inferred_graph))
+            for graph, inferred_graph in zip(model.graphs(), inferred_model.graphs())]
 
 
 def _has_unknown_dims(proto: onnx.ModelProto) -> bool:

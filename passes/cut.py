@@ -45,7 +45,9 @@ def apply_cut(analysis: Analysis, removed: dict[int, np.ndarray]) -> None:
         arr = v.const_value.numpy()
         for k, idx in cuts:
             arr = np.delete(arr, idx, axis=k)
-        v.const_value = ir.tensor(np.ascontiguousarray(arr), name=name)
+        # ir.Tensor, not ir.tensor: the convenience constructor's protocol isinstance checks
+        # cost more than the slicing, once per weight
+        v.const_value = ir.Tensor(np.ascontiguousarray(arr), name=name)
     # 3. shapes recorded on values
     values = _values_by_name(model)
     for name, cuts in by_value.items():

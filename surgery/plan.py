@@ -87,6 +87,8 @@ def read_plan(path_or_dict) -> dict:
         data = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SurgeryError(f"{p} is not a JSON plan: {e}") from e
+    except RecursionError as e:  # json's parser recurses per nesting level
+        raise SurgeryError(f"plan file {p} is nested too deeply to be a surgery plan") from e
     if not isinstance(data, dict) or not isinstance(data.get("groups"), list):
         raise SurgeryError(f"{p} is not a surgery plan (no 'groups' list)")
     return data
@@ -165,5 +167,14 @@ def _validate(data: dict) -> None:
             if not ok:
                 raise SurgeryError(
                     f"{where} ('{entry['name']}'): each tensor entry needs 'tensor' (str), 'axis' (int) "
-                    f"and 'removed' (list of non-negative ints), got {json.dumps(t)[:80]}"
+                    f"and 'removed' (list of non-negative ints), got {_brief(t)}"
                 )
+
+
+def _brief(obj, limit: int = 80) -> str:
+    """A short JSON rendering of a bad plan entry for an error message (never raises:
+    an entry nested deeper than the encoder can recurse is described, not printed)."""
+    try:
+        return json.dumps(obj)[:limit]
+    except (RecursionError, TypeError, ValueError):
+        return f"a {type(obj).__name__} nested too deeply to show"

@@ -17,6 +17,7 @@ import onnx_ir as ir
 from surgery.dims import NOT_CHANNEL, DimGraph
 
 RULES: dict[tuple[str, str], Callable[["RuleContext"], None]] = {}
+_MISSING = object()
 
 
 class Unsupported(Exception):
@@ -67,6 +68,7 @@ class RuleContext:
         self.node: ir.Node | None = None
         self.mentioned: set[tuple[str, int]] = set()
         self._shapes: dict[int, tuple] = {}
+        self._from_weights: dict[ir.Value, bool | None] = {}  # None while being computed
 
     # -- node access ------------------------------------------------------
     def start(self, node: ir.Node) -> None:
@@ -108,18 +110,45 @@ class RuleContext:
         return const_array(v)
 
     def from_weights(self, v: ir.Value | None) -> bool:
-        """Computed from initializers alone (a weight behind a Transpose or Cast)."""
+        """Computed from initializers alone (a weight behind a Transpose or Cast).
+
+        Iterative (an explicit stack over producers), memoized per value for the whole
+        graph: a deep chain of computed values never recurses."""
         if v is None:
             return True
-        memo = self.__dict__.setdefault("_from_weights", {})
-        key = id(v)
-        if key not in memo:
-            memo[key] = False  # cycles cannot happen in a DAG, but be safe
-            node = v.producer()
-            memo[key] = v.const_value is not None or (
-                node is not None and bool(node.inputs) and all(self.from_weights(i) for i in node.inputs)
-            )
-        return memo[key]
+        memo = self._from_weights
+        hit = memo.get(v, _MISSING)
+        if hit is not _MISSING and hit is not None:
+            return hit
+        stack = [v]
+        while stack:
+            x = stack[-1]
+            if memo.get(x) is not None:  # finished meanwhile
+                stack.pop()
+                continue
+            node = x.producer()
+            if x.const_value is not None or node is None or not node.inputs:
+                memo[x] = x.const_value is not None
+                stack.pop()
+                continue
+            result, pending = True, None
+            for i in node.inputs:  # in order, stopping at the first False, like all()
+                if i is None:
+                    continue
+                r = memo.get(i, _MISSING)
+                if r is _MISSING:
+                    pending = i
+                    break
+                if not r:  # False, or None: on the stack (a cycle, impossible in a DAG)
+                    result = False
+                    break
+            if pending is not None:
+                memo[x] = None  # in progress
+                stack.append(pending)
+                continue
+            memo[x] = result
+            stack.pop()
+        return memo[v]
 
     def const_required(self, v: ir.Value | None, what: str) -> np.ndarray:
         c = const_array(v)
@@ -226,59 +255,101 @@ def dim_keys(v: ir.Value, filled: tuple | None = None) -> list:
 def shape_sources(v: ir.Value | None) -> list | None:
     """Where each entry of a shape tensor comes from: an int literal, ("dim", t, k) for
     ``Shape(t)[k]`` read at run time (it follows any cut of t's axis k by itself), or
-    None when untraceable. None overall when the structure cannot be traced."""
-    if v is None:
-        return None
+    None when untraceable. None overall when the structure cannot be traced.
+
+    Iterative: the values it is computed from are traced with an explicit stack, so a
+    long chain of shape arithmetic (Identity, Cast, Concat, ...) never recurses."""
+    memo: dict = {None: None}
+    busy: set = set()
+    stack = [v]
+    while stack:
+        x = stack[-1]
+        if x in memo:
+            stack.pop()
+            continue
+        deps, combine = _shape_step(x)
+        missing = [d for d in deps if d not in memo]
+        if missing:
+            if x in busy:  # a dependency cycle (impossible in a DAG): untraceable
+                memo[x] = None
+                stack.pop()
+                continue
+            busy.add(x)
+            stack.extend(reversed(missing))
+            continue
+        busy.discard(x)
+        memo[x] = combine([memo[d] for d in deps])
+        stack.pop()
+    return memo[v]
+
+
+def _shape_step(v: ir.Value):
+    """One step of shape_sources: (the values v's entries come from, a function of
+    their shape_sources giving v's)."""
     c = const_array(v)
     if c is not None:
-        return [int(x) for x in np.atleast_1d(c).tolist()]
+        lit = [int(x) for x in np.atleast_1d(c).tolist()]
+        return (), lambda _: lit
     node = v.producer()
     if node is None:
-        return None
+        return (), _untraceable
     op = node.op_type
     if op == "Shape":
         t = node.inputs[0]
         if t is None or t.shape is None:
-            return None
+            return (), _untraceable
         r = len(t.shape)
         a = node.attributes
         start = a["start"].value if "start" in a else 0
         end = a["end"].value if "end" in a else r
         start, end = (start + r if start < 0 else start), (end + r if end < 0 else end)
-        return [("dim", t, k) for k in range(max(0, start), min(r, end))]
+        dims = [("dim", t, k) for k in range(max(0, start), min(r, end))]
+        return (), lambda _: dims
     if op in ("Identity", "Cast", "Squeeze", "Unsqueeze") or (op == "Reshape" and len(v.shape or ()) == 1):
-        return shape_sources(node.inputs[0])
+        return (node.inputs[0],), lambda got: got[0]
     inner = where_guarded(node)
     if inner is not None:  # the legacy exporter's Expand guard: -1 entries become 1
-        src = shape_sources(inner)
-        return None if src is None else [None if e == -1 else e for e in src]
+        return (inner,), lambda got: None if got[0] is None else [None if e == -1 else e for e in got[0]]
     if op == "Concat":
-        out: list = []
-        for piece in node.inputs:
-            got = shape_sources(piece)
-            if got is None:
-                s = value_shape(piece)
-                if s is None or len(s) != 1 or s[0] is None:
-                    return None
-                got = [None] * s[0]
-            out.extend(got)
-        return out
-    if op in ("Gather", "Slice"):
-        src = shape_sources(node.inputs[0])
-        if src is None:
-            return None
-        if op == "Gather":
-            idx = const_array(node.inputs[1])
-            if idx is None:
+        pieces = list(node.inputs)
+
+        def concat(got):
+            out: list = []
+            for piece, src in zip(pieces, got):
+                if src is None:
+                    s = value_shape(piece)
+                    if s is None or len(s) != 1 or s[0] is None:
+                        return None
+                    src = [None] * s[0]
+                out.extend(src)
+            return out
+
+        return pieces, concat
+    if op == "Gather":
+        idx = const_array(node.inputs[1])
+
+        def gather(got):
+            if got[0] is None or idx is None:
                 return None
-            return [src[int(i)] for i in np.atleast_1d(idx).tolist()]
+            return [got[0][int(i)] for i in np.atleast_1d(idx).tolist()]
+
+        return (node.inputs[0],), gather
+    if op == "Slice":
         params = [const_array(node.inputs[i]) if i < len(node.inputs) and node.inputs[i] is not None else None
                   for i in range(1, 5)]
-        if params[0] is None or params[1] is None:
-            return None
-        starts, ends = int(params[0].ravel()[0]), int(params[1].ravel()[0])
-        step = int(params[3].ravel()[0]) if params[3] is not None else 1
-        return src[slice(starts, ends, step)]
+
+        def slice_(got):
+            if got[0] is None or params[0] is None or params[1] is None:
+                return None
+            starts, ends = int(params[0].ravel()[0]), int(params[1].ravel()[0])
+            step = int(params[3].ravel()[0]) if params[3] is not None else 1
+            return got[0][slice(starts, ends, step)]
+
+        return (node.inputs[0],), slice_
+    return (), _untraceable
+
+
+def _untraceable(_) -> None:
     return None
 
 
