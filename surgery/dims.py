@@ -278,13 +278,17 @@ class Coupling:
         n = g.n_elements
         blocked_extra: list[np.ndarray] = []
         # Derivations must agree: a component reached by two factor tuples
-        # unifies those tuples position by position (iterate to a fixpoint).
-        for _ in range(20):
+        # unifies those tuples position by position (iterate to a fixpoint: every round
+        # that goes on merged components, so this ends after fewer rounds than elements).
+        merged_to = -1
+        while True:
             comp = _components(n, ta, tb)
             deriv, extra_a, extra_b, bad = self._derivations(comp)
             blocked_extra.extend(bad)
-            if not len(extra_a):
+            n_comp = int(comp.max()) + 1 if n else 0
+            if not len(extra_a) or n_comp == merged_to:
                 break
+            merged_to = n_comp
             ta = np.concatenate([ta, extra_a])
             tb = np.concatenate([tb, extra_b])
         self.comp = comp
