@@ -36,8 +36,14 @@ class Outcome:
     stderr: str
     broken: list[str]  # the clauses the run broke
 
+    @property
+    def last_line(self) -> str:
+        """The last stderr line that is not a box of rich's traceback (the exception)."""
+        lines = [ln.strip() for ln in self.stderr.splitlines() if ln.strip() and ln.strip()[0] not in "│╭╰─"]
+        return lines[-1] if lines else ""
+
     def __str__(self) -> str:
-        return f"exit {self.code}; broken: {self.broken}; stderr: {self.stderr[-600:]!r}"
+        return f"exit {self.code}; broken: {self.broken}; stderr ends: {self.last_line[:400]!r}"
 
 
 def snapshot(folder: Path) -> dict[str, str]:

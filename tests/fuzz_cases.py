@@ -320,7 +320,8 @@ def _save(m: onnx.ModelProto, d: Path, layout: str) -> None:
 
 @st.composite
 def graph_cases(draw, folder: Path) -> Case:
-    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = random.Random(seed)
     c, h = draw(st.sampled_from([1, 3, 4, 8])), draw(st.sampled_from([1, 2, 5, 8]))
     ops = draw(st.lists(st.sampled_from(sorted(OPS)), max_size=6))
     opset = draw(st.sampled_from([11, 13, 17, 21]))
@@ -335,7 +336,7 @@ def graph_cases(draw, folder: Path) -> Case:
     extra = draw(st.sampled_from([[], ["--global"], ["--round-to", "4"], ["-c", "l1"], ["-c", "fpgm"],
                                   ["--no-verify"], ["--target-params", "0.5"]]))
     args = ["prune", str(folder / "m.onnx"), "-o", str(folder / "o.onnx"), "--ratio", ratio, "-q", *extra]
-    note = f"ops={ops} muts={muts} layout={layout} c={c} h={h} opset={opset} {' '.join(args[5:])}"
+    note = f"seed={seed} ops={ops} muts={muts} layout={layout} c={c} h={h} opset={opset} {' '.join(args[5:])}"
     return Case("graphs", args, folder / "o.onnx", note)
 
 
