@@ -161,6 +161,10 @@ class DimGraph:
     def block(self, a: int, why: str, idx=None) -> None:
         self._mark(self._blocks, a, why, idx)
 
+    def block_reasons(self) -> list[str]:
+        """Every reason a rule blocked something for, in the order they came."""
+        return [why for _, why, _ in self._blocks]
+
     def role(self, a: int, role: str) -> None:
         self.roles[a].add(role)
 

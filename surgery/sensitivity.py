@@ -277,9 +277,8 @@ def sensitivity_command(
         if plot_path is not None:
             plot(rows, plot_path, metric, title=f"{model.name}: sensitivity ({criterion})")
     except SurgeryError as e:
-        from rich.markup import escape
 
-        _fail(escape(str(e)))  # messages name tensors and extras ("surgery[plot]"): not markup
+        _fail(str(e))  # fail() escapes markup and control characters
     if as_json:
         print(json.dumps({"groups": rows}, indent=1))
         return

@@ -124,7 +124,7 @@ def test_deep_chain_before_a_matmul_analyzes():
     """The MatMul's rule calls from_weights on an input DEEP producers down: it must map
     the node (not give up on it), so the hidden units between the two MatMuls stay prunable."""
     a = surgery.analyze(_relu_chain_ir(DEEP))
-    reasons = [why for _, why in a.dims.blocked]
+    reasons = a.dims.block_reasons()
     assert not any("Recursion" in why or "cannot be analyzed" in why for why in reasons), reasons[:3]
     hidden = [g for g in a.groups if g.name == "w@1"]
     assert len(hidden) == 1 and hidden[0].prunable and len(hidden[0].atoms) == 8
