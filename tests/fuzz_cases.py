@@ -374,7 +374,7 @@ _OPTION_VALUES = {
     "--round-to": ["0", "-3", "99999999999999999999", "2"],
     "--seed": ["-1", "2**64", "18446744073709551616", "3"],
     "--input-shape": ["x:1x3x32x32", "x:" + "9" * 40, "x:", ":1x2", "x:1x3x-32x32", "y:1", "x:1x3x0x0", "x\n:1"],
-    "--keep": ["", "nope", "\x00", "[bold]"],
+    "--keep": ["", "nope", "\x01", "[bold]"],  # (no NUL: no argv can hold one)
     "--criterion": ["nope", "wanda", "l1", ""],
     "--target-params": ["0", "2", "nan", "0.5"],
     "--gqa": ["kv", "nope"],
