@@ -47,7 +47,9 @@ def apply_cut(analysis: Analysis, removed: dict[int, np.ndarray]) -> None:
             arr = np.delete(arr, idx, axis=k)
         # ir.Tensor, not ir.tensor: the convenience constructor's protocol isinstance checks
         # cost more than the slicing, once per weight
-        v.const_value = ir.Tensor(np.ascontiguousarray(arr), name=name)
+        # (strings, as numpy bytes or objects, go back into a StringTensor)
+        arr = np.ascontiguousarray(arr)
+        v.const_value = ir.StringTensor(arr, name=name) if arr.dtype.kind in "OS" else ir.Tensor(arr, name=name)
     # 3. shapes recorded on values
     values = _values_by_name(model)
     for name, cuts in by_value.items():

@@ -166,6 +166,15 @@ def string_weight(d):
     return _prune(d)
 
 
+@case(2, "tensor(string)")
+def string_conv_weight(d):
+    """A weight the cut slices holds strings: sliced as strings, then onnxruntime refuses the model."""
+    m = cnn()
+    m.graph.initializer[1].CopyFrom(helper.make_tensor("w2", T.STRING, [4, 8, 1, 1], [b"s"] * 32))
+    onnx.save(m, d / "m.onnx")
+    return _prune(d)
+
+
 @case(2, "not valid UTF-8")
 def non_utf8_data_location(d):
     onnx.save(cnn(), d / "m.onnx", save_as_external_data=True, location="w.data", size_threshold=0)
