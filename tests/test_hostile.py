@@ -83,7 +83,10 @@ def subgraph_tensor_in_data_file(d):
 @case(2, "not a regular file")
 def output_is_a_device(d):
     onnx.save(cnn(), d / "m.onnx")
-    os.mknod(d / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    try:  # a device node of our own (as root); else a link to /dev/null, which os.stat follows
+        os.mknod(d / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        os.symlink("/dev/null", d / "null")
     return ["prune", str(d / "m.onnx"), "-o", str(d / "null")]
 
 
