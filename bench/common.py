@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -75,3 +76,16 @@ def verdict(v: dict | None) -> str:
         d = v.get("max_abs_diff")
         return f"[red]NOT exact ({d:.1e})[/red]" if d == d else "[red]NOT exact[/red]"
     return v.get("why") or "-"
+
+
+def loglog_exponent(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares k in y ~ c * x**k (1 = linear); None with fewer than two positive points."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    den = sum((p[0] - mx) ** 2 for p in pts)
+    if den == 0:
+        return None
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den

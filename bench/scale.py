@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -42,23 +41,10 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import deep_graphs  # noqa: E402
-from common import finish, machine, verdict  # noqa: E402
+from common import finish, loglog_exponent, machine, verdict  # noqa: E402
 
 STAGES = ("load", "analysis", "plan", "emit", "verify")
 BASELINE_NODES = 20
-
-
-def loglog_exponent(xs: list[float], ys: list[float]) -> float | None:
-    """Least-squares k in y ~ c * x**k (1 = linear); None with fewer than two positive points."""
-    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
-    if len(pts) < 2:
-        return None
-    mx = sum(p[0] for p in pts) / len(pts)
-    my = sum(p[1] for p in pts) / len(pts)
-    den = sum((p[0] - mx) ** 2 for p in pts)
-    if den == 0:
-        return None
-    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den
 
 
 def run_cli(model: Path, out: Path, report: Path, ratio: float, verify: bool) -> dict:

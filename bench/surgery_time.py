@@ -41,7 +41,7 @@ from rich.table import Table  # noqa: E402
 
 import surgery  # noqa: E402
 import synthetic  # noqa: E402
-from common import finish, machine, verdict  # noqa: E402
+from common import finish, loglog_exponent, machine, verdict  # noqa: E402
 
 STAGES = ("load", "analysis", "plan", "emit", "verify")
 #: the speed target: analysis+plan+emit under this many seconds for these graphs
@@ -158,19 +158,6 @@ def family(name: str) -> str | None:
     if "tiny" in name or name == "grouped-cnn":
         return None
     return name.split("-", 1)[0]
-
-
-def loglog_exponent(xs: list[float], ys: list[float]) -> float | None:
-    """Least-squares k in y ~ c * x**k (1 = linear)."""
-    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
-    if len(pts) < 2:
-        return None
-    mx = sum(p[0] for p in pts) / len(pts)
-    my = sum(p[1] for p in pts) / len(pts)
-    den = sum((p[0] - mx) ** 2 for p in pts)
-    if den == 0:
-        return None
-    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den
 
 
 # --------------------------------------------------------------------------- output
