@@ -67,9 +67,12 @@ def _limits(mem_mb: int):
 
 
 def env() -> dict:
+    """The environment of a CLI subprocess: the package this process imported (the
+    editable install, or an import tree on PYTHONPATH: the repo folder itself is not one,
+    its subpackages live beside surgery/), wide plain output."""
     e = dict(os.environ)
     e.setdefault("PYTHONPATH", _SITE)
-    e.update(COLUMNS="200", NO_COLOR="1", TERM="dumb")
+    e.update(COLUMNS="200", NO_COLOR="1")
     e.pop("FORCE_COLOR", None)
     return e
 

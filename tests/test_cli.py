@@ -29,9 +29,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
+from contract import env
 from corpus import build
-
-import surgery
 
 REPO = Path(__file__).resolve().parents[1]
 RESNET = REPO / "models" / "resnet_tiny.onnx"
@@ -48,17 +47,6 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # --------------------------------------------------------------------------
 # helpers (numpy / onnx / onnxruntime only)
 # --------------------------------------------------------------------------
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    # the package the test process imported (the editable install, or an import tree on
-    # PYTHONPATH): the repo folder itself is not one, its subpackages live beside surgery/
-    env.setdefault("PYTHONPATH", str(Path(surgery.__file__).resolve().parents[1]))
-    env["COLUMNS"] = "200"
-    env["NO_COLOR"] = "1"
-    env.pop("FORCE_COLOR", None)
-    return env
 
 
 def _session(model) -> ort.InferenceSession:
@@ -175,7 +163,7 @@ class Run:
         self.name, self.folder, self.args, self.expect = name, folder, [str(a) for a in args], expect
         self.before = _snapshot(folder)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "surgery.cli", *self.args], cwd=folder, env=_env(),
+            [sys.executable, "-m", "surgery.cli", *self.args], cwd=folder, env=env(),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.rc = self.stdout = self.stderr = None
