@@ -280,21 +280,7 @@ class Coupling:
         self.graph = g
         ta, tb, self._products, blocked, inexact = g._layout(relevant)
         n = g.n_elements
-        blocked_extra: list[np.ndarray] = []
-        # Derivations must agree: a component reached by two factor tuples
-        # unifies those tuples position by position (iterate to a fixpoint: every round
-        # that goes on merged components, so this ends after fewer rounds than elements).
-        merged_to = -1
-        while True:
-            comp = _components(n, ta, tb)
-            deriv, extra_a, extra_b, bad = self._derivations(comp)
-            blocked_extra.extend(bad)
-            n_comp = int(comp.max()) + 1 if n else 0
-            if not len(extra_a) or n_comp == merged_to:
-                break
-            merged_to = n_comp
-            ta = np.concatenate([ta, extra_a])
-            tb = np.concatenate([tb, extra_b])
+        comp, deriv, blocked_extra = self._agreeing_components(n, ta, tb)
         self.comp = comp
         self.n_comp = int(comp.max()) + 1 if n else 0
         self.deriv = deriv  # component -> tuple of factor components
@@ -359,6 +345,25 @@ class Coupling:
         self.atoms = np.array(
             sorted(set(range(self.n_comp)) - set(deriv)), dtype=np.int64
         )
+
+    def _agreeing_components(self, n: int, ta: np.ndarray, tb: np.ndarray):
+        """(components, derivations, element arrays of factors that cannot agree).
+
+        Derivations must agree: a component reached by two factor tuples unifies those
+        tuples position by position. Iterated to a fixpoint: every round that goes on
+        merged components, so this ends after fewer rounds than elements."""
+        blocked_extra: list[np.ndarray] = []
+        merged_to = -1
+        while True:
+            comp = _components(n, ta, tb)
+            deriv, extra_a, extra_b, bad = self._derivations(comp)
+            blocked_extra.extend(bad)
+            n_comp = int(comp.max()) + 1 if n else 0
+            if not len(extra_a) or n_comp == merged_to:
+                return comp, deriv, blocked_extra
+            merged_to = n_comp
+            ta = np.concatenate([ta, extra_a])
+            tb = np.concatenate([tb, extra_b])
 
     def _derivations(self, comp):
         """component -> factor-component tuple, plus the unions needed to make them agree."""

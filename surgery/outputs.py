@@ -77,7 +77,7 @@ def _check_target(what: str, p: Path) -> None:
         raise SurgeryError(f"{what} {p} is a directory")
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise SurgeryError(f"{what} {p} exists and is not a regular file (a device, FIFO or socket); refused")
-    folder = p.parent if str(p.parent) else Path(".")
+    folder = p.parent
     if not folder.is_dir():
         raise SurgeryError(f"folder of {what} {p} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):

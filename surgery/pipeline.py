@@ -98,7 +98,7 @@ def run_onnx(source, o: PruneOptions, example_inputs=None) -> Result:
 
     target = targets.parse(o.ratio, o.target_params, o.target_flops)  # targets: kept fraction instead of a ratio
     crit = get_criterion(o.criterion)
-    need, cal = calibration_checks(crit, crit.name, o.calib, o.compensate)  # calibration
+    need, cal = calibration_checks(crit, o.calib, o.compensate)  # calibration
     analysis, t, t0 = load_and_analyze(source, o.input_shapes)
     if o.calib is not None:  # calibration: passes/stats.py
         from surgery.passes.stats import as_calibration
@@ -158,14 +158,14 @@ def kind_ratios(analysis: Analysis, ratio: float, head_ratio: float | None, mlp_
     }
 
 
-def calibration_checks(crit, name: str, calib, compensate):
+def calibration_checks(crit, calib, compensate):
     """(the statistics the criterion needs, None): data-aware criteria and compensation
     need calibration data, and never fall back to random inputs."""
     from surgery.passes.criteria import needs_stats
 
     need = needs_stats(crit)
     if need and calib is None:
-        raise SurgeryError(f"criterion '{name}' is data-aware: it needs calibration data (--calib data.npz, "
+        raise SurgeryError(f"criterion '{crit.name}' is data-aware: it needs calibration data (--calib data.npz, "
                            f"or calib= in the API); surgery never scores it on random inputs")
     if compensate and calib is None:
         raise SurgeryError(f"--compensate {compensate} needs calibration data (--calib data.npz, or calib= in the API)")

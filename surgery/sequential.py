@@ -99,7 +99,7 @@ def prune_sequential(source, example_inputs=None, **options):
     o = PruneOptions.from_kwargs("prune_sequential", **options)
     _check_options(source, example_inputs, o)
     crit = get_criterion(o.criterion)
-    need, _ = pipeline.calibration_checks(crit, crit.name, o.calib, o.compensate)
+    need, _ = pipeline.calibration_checks(crit, o.calib, o.compensate)
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
